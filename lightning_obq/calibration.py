@@ -1,0 +1,130 @@
+"""Calibration data: drawing batches from loaders/iterables and running them through a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+# Keys tried, in order, when a batch is a dict and no forward_fn is given.
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "img", "pixel_values", "input_ids")
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor found in a (nested) batch, depth first."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        for item in batch:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the leading dim of its first tensor."""
+    t = first_tensor(batch)
+    if t is None:
+        raise TypeError(f"calibration batch of type {type(batch).__name__} holds no tensor")
+    return t.shape[0] if t.dim() > 0 else 1
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map_tensors(v, fn) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor moved to ``device``."""
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def _truncate(batch: Any, n: int) -> Any:
+    return _map_tensors(batch, lambda t: t[:n] if t.dim() > 0 else t)
+
+
+def draw_batches(calibration: Iterable[Any], max_samples: int) -> list[Any]:
+    """Up to ``max_samples`` samples from a DataLoader or any iterable of tensors/tuples/dicts.
+
+    The batches are kept (inputs only, never activations) so that every pass (Hessians, sequential
+    layers, BatchNorm re-estimation) sees the same samples, even from a shuffling loader or a generator.
+    """
+    if calibration is None:
+        raise ValueError("calibration data is None: pass a DataLoader or an iterable of batches")
+    if isinstance(calibration, torch.Tensor):
+        calibration = [calibration]
+    try:
+        iterator = iter(calibration)
+    except TypeError as exc:
+        raise TypeError(
+            f"calibration must be a DataLoader or an iterable of batches, got {type(calibration).__name__}"
+        ) from exc
+    batches: list[Any] = []
+    seen = 0
+    for batch in iterator:
+        n = batch_size(batch)
+        if n == 0:
+            continue
+        if seen + n > max_samples:
+            batch, n = _truncate(batch, max_samples - seen), max_samples - seen
+        batches.append(batch)
+        seen += n
+        if seen >= max_samples:
+            break
+    if not batches:
+        raise ValueError("calibration data is empty: the loader yielded no samples")
+    return batches
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Run a batch through the model: a tensor as is, the first item of a tuple/list, or a dict's input key."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return model(batch[key])
+        raise TypeError(
+            f"calibration batch is a dict with keys {sorted(batch)} and none of {list(INPUT_KEYS)}: "
+            "pass forward_fn=lambda model, batch: model(...)"
+        )
+    raise TypeError(
+        f"cannot feed a calibration batch of type {type(batch).__name__} to the model: pass forward_fn"
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless model)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def run_batches(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn | None = None,
+                stop: type[BaseException] | None = None) -> None:
+    """Forward every batch (no grad) on the model's device; ``stop`` exceptions end a batch early."""
+    forward = forward_fn or default_forward
+    device = model_device(model)
+    with torch.no_grad():
+        for batch in batches:
+            try:
+                forward(model, to_device(batch, device))
+            except BaseException as exc:
+                if stop is None or not isinstance(exc, stop):
+                    raise

@@ -1,0 +1,152 @@
+"""`QuantConfig`: the validated settings every entry point (layer, model, callback, CLI) shares."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+METHODS = ("fastobq", "gptq", "obq", "rtn")
+ORDERS = ("sensi_des", "sensi_asc", "err_des", "err_asc", "w_des", "w_asc", "none", "act")
+GPTQ_ORDERS = ("none", "act")
+GRANULARITIES = ("channel", "tensor", "group")
+RANGE_SEARCHES = ("minmax", "mse")
+DAMP_MODES = ("absolute", "relative")
+CALIBRATION_MODES = ("one_pass", "sequential")
+DEFAULT_ORDER = {"fastobq": "sensi_des", "gptq": "none", "obq": None, "rtn": None}
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"QuantConfig.{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"QuantConfig.{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"QuantConfig.{name}={value!r} is outside [{low}, {high}]")
+
+
+@dataclass
+class QuantConfig:
+    """Settings for quantizing one layer or a whole model.
+
+    Every field is checked when the config is built, so a typo fails at once with the field's name
+    instead of half-way through a long calibration.
+
+    Args:
+        bits: weight bit width, 2..8.
+        method: ``"fastobq"`` (sensitivity-ordered column-parallel OBQ), ``"gptq"``, ``"obq"``
+            (exact greedy per weight, slow) or ``"rtn"`` (round to nearest).
+        order: column order for ``fastobq``/``gptq``. ``None`` picks the method's default
+            (``sensi_des`` for fastobq, natural ``none`` for gptq); gptq accepts ``none`` and ``act``.
+        symmetric: symmetric grid (zero point in the middle) instead of asymmetric min/max.
+        granularity: one grid per output ``"channel"``, per ``"tensor"``, or per ``"group"`` of
+            ``group_size`` input columns in each row.
+        group_size: columns per group when ``granularity="group"``.
+        range_search: ``"mse"`` searches the clipping ratio that minimises the grid error (REQuant);
+            ``"minmax"`` uses the full weight range.
+        damp: Hessian damping. ``damp_mode="absolute"`` adds ``damp`` to the diagonal (paper: 0.1);
+            ``"relative"`` adds ``damp * mean(diag(H))`` (GPTQ style, e.g. 0.01).
+        block_size: columns per lazy block update in fastobq/gptq (speed only, result unchanged).
+        obq_memory_mb: memory budget for the batch of per-row inverse Hessians of ``obq``.
+        calibration: ``"one_pass"`` (all Hessians from the FP model) or ``"sequential"`` (each layer
+            sees the outputs of already quantized predecessors).
+        calib_samples: maximum number of calibration samples drawn from the loader.
+        hessian_memory_mb: in one-pass mode, Hessians larger than this in total are captured in
+            several passes over groups of layers.
+        include / exclude: ``fnmatch`` patterns on module names (``"layer4.*"``); a layer is
+            quantized if it matches an include pattern (all by default) and no exclude pattern.
+        layer_types: which module kinds to quantize, by name (``"Linear"``, ``"Conv1d"``, ...).
+        reestimate_bn: reset and re-estimate BatchNorm running statistics after quantizing.
+        progress: show a progress bar over layers when on a terminal.
+    """
+
+    bits: int = 4
+    method: str = "fastobq"
+    order: str | None = None
+    symmetric: bool = False
+    granularity: str = "channel"
+    group_size: int = 128
+    range_search: str = "mse"
+    damp: float = 0.1
+    damp_mode: str = "absolute"
+    block_size: int = 128
+    obq_memory_mb: float = 1024.0
+    calibration: str = "one_pass"
+    calib_samples: int = 2048
+    hessian_memory_mb: float = 4096.0
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    layer_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    reestimate_bn: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_number("bits", self.bits, 2, 8, integer=True)
+        _check_choice("method", self.method, METHODS)
+        if self.order is None:
+            self.order = DEFAULT_ORDER[self.method]
+        elif self.method == "fastobq":
+            _check_choice("order", self.order, ORDERS)
+        elif self.method == "gptq":
+            _check_choice("order", self.order, GPTQ_ORDERS)
+        else:
+            raise ValueError(f"QuantConfig.order={self.order!r} has no meaning for method={self.method!r}")
+        for name in ("symmetric", "reestimate_bn", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_number("group_size", self.group_size, 1, 1 << 30, integer=True)
+        _check_choice("range_search", self.range_search, RANGE_SEARCHES)
+        _check_number("damp", self.damp, 0.0, float("inf"))
+        _check_choice("damp_mode", self.damp_mode, DAMP_MODES)
+        _check_number("block_size", self.block_size, 1, 1 << 20, integer=True)
+        _check_number("obq_memory_mb", self.obq_memory_mb, 1.0, float("inf"))
+        _check_choice("calibration", self.calibration, CALIBRATION_MODES)
+        _check_number("calib_samples", self.calib_samples, 1, 1 << 40, integer=True)
+        _check_number("hessian_memory_mb", self.hessian_memory_mb, 1.0, float("inf"))
+        self.include = self._patterns("include", self.include)
+        self.exclude = self._patterns("exclude", self.exclude)
+        self.layer_types = self._patterns("layer_types", self.layer_types)
+        for kind in self.layer_types:
+            _check_choice("layer_types", kind, list(LAYER_TYPES))
+
+    @staticmethod
+    def _patterns(name: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+            raise TypeError(f"QuantConfig.{name} must be a string or a sequence of strings, got {value!r}")
+        return tuple(value)
+
+    @property
+    def module_types(self) -> tuple[type[nn.Module], ...]:
+        """The `nn.Module` classes selected by `layer_types`."""
+        return tuple(LAYER_TYPES[k] for k in self.layer_types)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        """A validated copy with some fields changed (the order is re-derived when the method changes)."""
+        if "method" in changes and "order" not in changes:
+            changes["order"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe view of every field."""
+        out = dataclasses.asdict(self)
+        for key in ("include", "exclude", "layer_types"):
+            out[key] = list(out[key])
+        return out

@@ -1,0 +1,146 @@
+"""`quantize_layer`: one weight matrix and its Hessian in, weights on the grid out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .hessian import damp_hessian
+from .measure import measure
+from .quantizer import dequantize_codes, find_grid
+from .solvers import HessianNotPositiveDefinite, solve_column_parallel, solve_obq, solve_rtn
+
+log = logging.getLogger(__name__)
+
+DAMP_RETRIES = 3  # each retry multiplies the damping by 10
+
+
+@dataclass
+class LayerResult:
+    """Outcome of quantizing one layer.
+
+    ``weight`` is the dequantized weight (same shape and dtype as the input); ``codes`` holds the
+    integer codes (uint8, same shape) with ``scale``/``zero`` of shape ``[..., d_row, n_groups]``
+    (``n_groups`` = 1 unless group-wise), so ``scale * (codes - zero)`` reproduces ``weight`` exactly
+    in float32. ``error`` is the layer objective ``tr((W-Q) H (W-Q)^T)`` with the undamped Hessian
+    (what the layer really loses), ``damped_error`` the same with the damped Hessian (what the solver
+    minimised), ``rtn_error`` the undamped objective of round-to-nearest on the same grid.
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int | None
+    perm: torch.Tensor | None
+    error: float
+    damped_error: float
+    rtn_error: float
+    damp: float
+    seconds: float
+    peak_rss_mb: float
+    cuda_peak_mb: float
+
+
+def layer_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """``sum_g tr((W_g - Q_g) H_g (W_g - Q_g)^T)`` for ``[G, d_row, d_col]`` weights."""
+    d = (w - q).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+def _as_batched(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if weight.dim() == 2 and hessian.dim() == 2:
+        weight, hessian = weight.unsqueeze(0), hessian.unsqueeze(0)
+    if weight.dim() != 3 or hessian.dim() != 3:
+        raise ValueError(
+            f"weight must be [d_row, d_col] with hessian [d_col, d_col] (or batched with a leading group "
+            f"dim), got weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)}"
+        )
+    g, _, d_col = weight.shape
+    if hessian.shape != (g, d_col, d_col):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
+    return weight, hessian
+
+
+def quantize_layer(
+    weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig | None = None, name: str = "layer"
+) -> LayerResult:
+    """Quantize one weight matrix ``[d_row, d_col]`` for the inputs summarised by ``hessian``.
+
+    A batch of independent matrices (the groups of a grouped conv) is accepted as ``[G, d_row, d_col]``
+    with ``[G, d_col, d_col]`` Hessians and solved in one call. ``hessian`` is the undamped
+    ``2/N X X^T``; damping follows the config. Inputs that never fire (``H_jj = 0``) get weight 0.
+    If the damped Hessian is not positive definite the damping is raised tenfold (with a warning) up to
+    three times before a `ValueError` naming the layer.
+    """
+    config = config or QuantConfig()
+    if not isinstance(weight, torch.Tensor) or not isinstance(hessian, torch.Tensor):
+        raise TypeError("quantize_layer expects torch.Tensor weight and hessian")
+    w, h = _as_batched(weight, hessian)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
+    if not torch.isfinite(h).all():
+        raise ValueError(f"layer {name!r}: Hessian contains NaN or Inf")
+    with measure(w.device) as m:
+        w = w.detach().float()
+        h = h.detach().float()
+        dead = h.diagonal(dim1=-2, dim2=-1) == 0  # [G, d_col]
+        if bool(dead.any()):
+            h = h.clone()
+            h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+            w = w.masked_fill(dead.unsqueeze(1), 0.0)
+        grid = find_grid(w, config.bits, config.symmetric, config.granularity, config.group_size,
+                         config.range_search)
+        scale, zero = grid.column_params(w.shape[-1])
+        maxq = grid.maxq
+        damp = config.damp
+        for attempt in range(DAMP_RETRIES + 1):
+            hd = damp_hessian(h, damp, config.damp_mode)
+            try:
+                perm = None
+                if config.method in ("fastobq", "gptq"):
+                    codes, perm = solve_column_parallel(w, hd, scale, zero, maxq, config.order,
+                                                        config.block_size, hessian_for_order=h)
+                elif config.method == "obq":
+                    codes = solve_obq(w, hd, scale, zero, maxq, config.obq_memory_mb)
+                else:
+                    torch.linalg.cholesky(hd)  # rtn needs no Hessian, but a broken one is still reported
+                    codes = solve_rtn(w, scale, zero, maxq)
+                break
+            except (HessianNotPositiveDefinite, torch.linalg.LinAlgError) as exc:
+                if attempt == DAMP_RETRIES:
+                    raise ValueError(
+                        f"layer {name!r}: Hessian is not positive definite even with damping {damp:g} "
+                        f"({config.damp_mode}); check the calibration data or raise QuantConfig.damp"
+                    ) from exc
+                next_damp = damp * 10 if damp > 0 else 1e-4
+                log.warning("layer %r: Hessian not positive definite with damp=%g, retrying with %g",
+                            name, damp, next_damp)
+                damp = next_damp
+        q = dequantize_codes(codes, scale, zero)
+        rtn = dequantize_codes(solve_rtn(w, scale, zero, maxq), scale, zero)
+        h_true = h.clone()
+        h_true.diagonal(dim1=-2, dim2=-1)[dead] = 0.0
+        error, damped_error = layer_error(w, q, h_true), layer_error(w, q, hd)
+        rtn_error = layer_error(w, rtn, h_true)
+    shape = weight.shape
+    return LayerResult(
+        weight=q.reshape(shape).to(weight.dtype),
+        codes=codes.to(torch.uint8).reshape(shape),
+        scale=grid.scale.reshape(*shape[:-1], -1) if weight.dim() == 3 else grid.scale[0],
+        zero=grid.zero.reshape(*shape[:-1], -1) if weight.dim() == 3 else grid.zero[0],
+        bits=config.bits,
+        group_size=grid.group_size,
+        perm=None if perm is None else (perm if weight.dim() == 3 else perm[0]),
+        error=error,
+        damped_error=damped_error,
+        rtn_error=rtn_error,
+        damp=damp,
+        seconds=m.seconds,
+        peak_rss_mb=m.peak_rss_mb,
+        cuda_peak_mb=m.cuda_peak_mb,
+    )

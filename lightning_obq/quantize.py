@@ -1,0 +1,248 @@
+"""`quantize_model`: calibrate, solve every Conv/Linear layer, write back, re-estimate BatchNorm."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .batchnorm import reestimate_batchnorm
+from .calibration import ForwardFn, batch_size, draw_batches, run_batches
+from .config import QuantConfig
+from .hessian import HessianAccumulator, layer_groups, weight_matrix
+from .layer import LayerResult, quantize_layer
+from .measure import measure
+from .report import LayerStats, QuantReport
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the layers of interest have seen their inputs, to skip the rest."""
+
+
+def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """Conv/Linear layers selected by the config's types and include/exclude name patterns."""
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, config.module_types) or getattr(module, "weight", None) is None:
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            continue
+        layers[name] = module
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no layer to quantize (layer_types={list(config.layer_types)}, "
+            f"include={list(config.include)}, exclude={list(config.exclude)})"
+        )
+    for name, module in layers.items():
+        if not torch.isfinite(module.weight).all():
+            raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
+    return layers
+
+
+def _capture(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list[Any],
+    forward_fn: ForwardFn | None,
+    calls: dict[str, int] | None = None,
+) -> dict[str, HessianAccumulator]:
+    """Hessians of ``layers`` from one pass over ``batches``.
+
+    With ``calls`` (calls per forward of each layer), the forward stops as soon as every layer of
+    interest has seen all its inputs of the batch; the rest of the model is not run.
+    """
+    accs = {name: HessianAccumulator(m, name) for name, m in layers.items()}
+    seen: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            accs[name].update(inputs[0])
+            if calls is not None:
+                seen[name] = seen.get(name, 0) + 1
+                if all(seen.get(n, 0) >= calls[n] for n in layers):
+                    raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        for batch in batches:
+            seen.clear()
+            run_batches(model, [batch], forward_fn, stop=_StopForward if calls is not None else None)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _execution_order(
+    model: nn.Module, layers: dict[str, nn.Module], batch: Any, forward_fn: ForwardFn | None
+) -> dict[str, int]:
+    """Layers in the order the forward pass first calls them, with calls per forward (0 if never)."""
+    calls: dict[str, int] = {}
+    handles = []
+    for name, module in layers.items():
+        def hook(module: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
+            calls[name] = calls.get(name, 0) + 1
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run_batches(model, [batch], forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    ordered = dict(calls)
+    ordered.update({name: 0 for name in layers if name not in calls})
+    return ordered
+
+
+def _chunks_by_memory(layers: dict[str, nn.Module], budget_mb: float) -> list[list[str]]:
+    """Consecutive groups of layers whose float32 Hessians fit in ``budget_mb`` together."""
+    chunks: list[list[str]] = [[]]
+    used = 0.0
+    for name, m in layers.items():
+        w = weight_matrix(m)
+        mb = w.shape[0] * w.shape[2] ** 2 * 4 / 2**20
+        if chunks[-1] and used + mb > budget_mb:
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(name)
+        used += mb
+    return chunks
+
+
+def _stats(name: str, module: nn.Module, config: QuantConfig, r: LayerResult, samples: int) -> LayerStats:
+    w = weight_matrix(module)
+    return LayerStats(
+        name=name, kind=type(module).__name__, shape=list(module.weight.shape), groups=layer_groups(module),
+        d_row=w.shape[1], d_col=w.shape[2], bits=config.bits, method=config.method, order=config.order,
+        error=r.error, damped_error=r.damped_error, rtn_error=r.rtn_error, damp=r.damp,
+        seconds=r.seconds, peak_rss_mb=r.peak_rss_mb, cuda_peak_mb=r.cuda_peak_mb, samples=samples,
+    )
+
+
+def model_size_mb(model: nn.Module, results: dict[str, LayerResult] | None = None,
+                  layers: dict[str, nn.Module] | None = None) -> float:
+    """Parameter and buffer size in MB; quantized layers count codes (bits each) plus float32 scale/zero."""
+    quantized = {id(layers[n].weight): r for n, r in (results or {}).items()} if layers else {}
+    total = 0.0
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for key, t in tensors.items():
+        r = quantized.get(key)
+        if r is None:
+            total += t.numel() * t.element_size()
+        else:
+            total += t.numel() * r.bits / 8 + 2 * r.scale.numel() * 4
+    return total / 2**20
+
+
+def quantize_model(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    config: QuantConfig | None = None,
+    forward_fn: ForwardFn | None = None,
+) -> QuantReport:
+    """Quantize every selected Conv/Linear layer of ``model`` in place and report what happened.
+
+    ``calibration`` is a DataLoader or any iterable of tensors, tuples/lists (first item is the input)
+    or dicts (an ``input``/``image``/``x``-like key); ``forward_fn(model, batch)`` runs anything else.
+    Up to ``config.calib_samples`` samples are drawn once and reused by every pass. The model runs on
+    its own device, in eval mode; BatchNorm statistics are re-estimated afterwards unless disabled.
+
+    If anything fails, every parameter and buffer is restored and the error propagates: the model is
+    never left half-quantized.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = find_layers(model, config)
+    batches = draw_batches(calibration, config.calib_samples)
+    report = QuantReport(config=config.to_dict(), samples=sum(batch_size(b) for b in batches))
+    report.fp_size_mb = model_size_mb(model)
+    backup = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    was_training = model.training
+    device = next(iter(layers.values())).weight.device
+    try:
+        model.eval()
+        with measure(device, reset_peak=True) as total:
+            _calibrate_and_solve(model, layers, batches, config, forward_fn, report)
+            if config.reestimate_bn:
+                with measure(device, reset_peak=False) as bn:
+                    reestimate_batchnorm(model, batches, forward_fn)
+                report.bn_seconds = bn.seconds
+    except BaseException:
+        model.load_state_dict(backup)
+        model.train(was_training)
+        log.error("quantization failed; the model's original weights and buffers were restored")
+        raise
+    model.train(was_training)
+    report.total_seconds = total.seconds
+    report.peak_rss_mb = max([total.peak_rss_mb] + [s.peak_rss_mb for s in report.layers])
+    report.cuda_peak_mb = max([total.cuda_peak_mb] + [s.cuda_peak_mb for s in report.layers])
+    report.quant_size_mb = model_size_mb(model, report.results, layers)
+    log.info("quantized %d layers in %.2fs", len(report.layers), report.total_seconds)
+    return report
+
+
+def _calibrate_and_solve(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list[Any],
+    config: QuantConfig,
+    forward_fn: ForwardFn | None,
+    report: QuantReport,
+) -> None:
+    device = next(iter(layers.values())).weight.device
+    with measure(device, reset_peak=False) as m:
+        calls = _execution_order(model, layers, batches[0], forward_fn)
+    report.calib_seconds += m.seconds
+    report.skipped = [n for n, c in calls.items() if c == 0]
+    for name in report.skipped:
+        log.warning("layer %r received no input during calibration and is left unquantized", name)
+    ordered = {n: layers[n] for n, c in calls.items() if c > 0}
+    if not ordered:
+        raise ValueError("no selected layer received input during calibration; check forward_fn")
+    show = config.progress and sys.stderr.isatty()
+    bar = tqdm(total=len(ordered), desc=f"{config.method} W{config.bits}", disable=not show, leave=False)
+    if config.calibration == "sequential":
+        chunks = [[n] for n in ordered]
+    else:
+        chunks = _chunks_by_memory(ordered, config.hessian_memory_mb)
+    pending: dict[str, torch.Tensor] = {}
+    try:
+        for chunk in chunks:
+            subset = {n: ordered[n] for n in chunk}
+            stop_early = {n: calls[n] for n in chunk} if len(chunks) > 1 else None
+            with measure(device, reset_peak=False) as m:
+                accs = _capture(model, subset, batches, forward_fn, stop_early)
+            report.calib_seconds += m.seconds
+            for name in chunk:
+                module, acc = ordered[name], accs.pop(name)
+                bar.set_postfix_str(name[-30:])
+                result = quantize_layer(weight_matrix(module), acc.hessian, config, name=name)
+                acc.hessian = None
+                report.results[name] = result
+                report.layers.append(_stats(name, module, config, result, acc.samples))
+                report.solve_seconds += result.seconds
+                new = result.weight.reshape(module.weight.shape).to(module.weight.dtype)
+                if config.calibration == "sequential":
+                    module.weight.data.copy_(new)
+                else:
+                    pending[name] = new
+                bar.update(1)
+    finally:
+        bar.close()
+    # One-pass mode: every Hessian came from the FP model, so weights are written only at the end.
+    for name, new in pending.items():
+        ordered[name].weight.data.copy_(new)

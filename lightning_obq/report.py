@@ -1,0 +1,106 @@
+"""`QuantReport`: what a quantization run did, per layer and in total, as a table and as JSON."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .layer import LayerResult
+
+
+@dataclass
+class LayerStats:
+    """Per-layer outcome: the layer objective (undamped and damped), RTN error on the same grid, cost."""
+
+    name: str
+    kind: str
+    shape: list[int]
+    groups: int
+    d_row: int
+    d_col: int
+    bits: int
+    method: str
+    order: str | None
+    error: float
+    damped_error: float
+    rtn_error: float
+    damp: float
+    seconds: float
+    peak_rss_mb: float
+    cuda_peak_mb: float
+    samples: int
+
+    @property
+    def error_ratio_to_rtn(self) -> float:
+        return self.error / self.rtn_error if self.rtn_error > 0 else math.nan
+
+
+@dataclass
+class QuantReport:
+    """Result of `quantize_model`: per-layer stats, totals, and the integer codes for export.
+
+    ``results`` holds each layer's `LayerResult` (codes, scales, zero points) and is left out of
+    `to_dict`; ``metrics`` is filled by callers that evaluate the model (callback, CLI).
+    """
+
+    config: dict[str, Any]
+    layers: list[LayerStats] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    samples: int = 0
+    calib_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    bn_seconds: float = 0.0
+    total_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    cuda_peak_mb: float = 0.0
+    fp_size_mb: float = 0.0
+    quant_size_mb: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    results: dict[str, LayerResult] = field(default_factory=dict, repr=False)
+
+    @property
+    def total_error(self) -> float:
+        return sum(s.error for s in self.layers)
+
+    @property
+    def total_rtn_error(self) -> float:
+        return sum(s.rtn_error for s in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of everything but the tensors."""
+        out = {k: v for k, v in asdict(self).items() if k != "results"}
+        out["total_error"] = self.total_error
+        out["total_rtn_error"] = self.total_rtn_error
+        return out
+
+    def table(self) -> str:
+        """A fixed-width table of the layers and the totals."""
+        head = f"{'layer':<32} {'shape':>18} {'bits':>4} {'error':>11} {'rtn error':>11} {'ratio':>6} {'sec':>7}"
+        lines = [head, "-" * len(head)]
+        for s in self.layers:
+            shape = "x".join(str(d) for d in s.shape)
+            lines.append(
+                f"{s.name[-32:]:<32} {shape:>18} {s.bits:>4} {s.error:>11.4g} {s.rtn_error:>11.4g} "
+                f"{s.error_ratio_to_rtn:>6.3f} {s.seconds:>7.3f}"
+            )
+        lines.append("-" * len(head))
+        method = self.config.get("method")
+        lines.append(
+            f"{len(self.layers)} layers, method={method}, bits={self.config.get('bits')}, "
+            f"{self.samples} samples | error {self.total_error:.4g} (rtn {self.total_rtn_error:.4g})"
+        )
+        lines.append(
+            f"time {self.total_seconds:.2f}s (calibration {self.calib_seconds:.2f}s, solve "
+            f"{self.solve_seconds:.2f}s, BN {self.bn_seconds:.2f}s) | peak RSS {self.peak_rss_mb:.0f} MB"
+            + (f", CUDA {self.cuda_peak_mb:.0f} MB" if self.cuda_peak_mb else "")
+            + f" | size {self.fp_size_mb:.2f} MB -> {self.quant_size_mb:.2f} MB"
+        )
+        if self.skipped:
+            lines.append(f"skipped (no calibration input): {', '.join(self.skipped)}")
+        for key, value in sorted(self.metrics.items()):
+            lines.append(f"{key}: {value:.4f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,245 @@
+"""Layer-level tests: grids, solvers against references, error ordering, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lightning_obq import QuantConfig, quantize_layer
+from lightning_obq.hessian import damp_hessian
+from lightning_obq.quantizer import dequantize_codes, fake_quantize, find_grid, quantize_codes
+
+
+def correlated_problem(d_row: int = 24, d_col: int = 48, n: int = 4000, seed: int = 0):
+    """A weight and the Hessian of strongly correlated inputs (as in real conv layers)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_col, d_col, generator=g) / d_col**0.5 + torch.eye(d_col)
+    x = mix @ torch.randn(d_col, n, generator=g)
+    x = x + 0.8 * x.roll(1, 0)
+    h = 2 / n * x @ x.T
+    w = torch.randn(d_row, d_col, generator=g) * 0.1
+    return w, h
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("granularity", ["channel", "tensor", "group"])
+def test_grid_round_trip_is_exact(bits: int, symmetric: bool, granularity: str) -> None:
+    w = torch.randn(3, 5, 40)
+    grid = find_grid(w, bits, symmetric, granularity, group_size=16)
+    scale, zero = grid.column_params(40)
+    codes = quantize_codes(w, scale, zero, grid.maxq)
+    assert codes.min() >= 0 and codes.max() <= grid.maxq
+    assert torch.equal(codes, torch.round(codes))
+    q = dequantize_codes(codes, scale, zero)
+    assert torch.equal(quantize_codes(q, scale, zero, grid.maxq), codes)
+    assert torch.equal(dequantize_codes(quantize_codes(q, scale, zero, grid.maxq), scale, zero), q)
+    expected_groups = {"channel": 1, "tensor": 1, "group": 3}[granularity]
+    assert grid.scale.shape == (3, 5, expected_groups)
+    if granularity == "tensor":
+        assert torch.unique(grid.scale).numel() == 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_range_search_beats_minmax_per_channel(bits: int) -> None:
+    w = torch.randn(64, 256)
+    w[:, 0] = 8.0  # an outlier per row makes min/max wasteful
+    errs = {}
+    for search in ("minmax", "mse"):
+        grid = find_grid(w, bits, range_search=search)
+        errs[search] = (fake_quantize(w, grid.scale, grid.zero, grid.maxq) - w).pow(2).sum(1)
+    assert torch.all(errs["mse"] <= errs["minmax"] + 1e-6)
+    assert errs["mse"].sum() < 0.9 * errs["minmax"].sum()
+
+
+def test_mse_range_search_finds_the_scanned_optimum() -> None:
+    """The coarse + local search lands within a fine step of a dense scan of clipping ratios."""
+    w = torch.randn(16, 128)
+    grid = find_grid(w, 3, range_search="mse")
+    best = (fake_quantize(w, grid.scale, grid.zero, grid.maxq) - w).pow(2).sum(1)
+    dense = []
+    for ratio in torch.linspace(0.2, 1.0, 801):
+        lo, hi = (w.amin(1, keepdim=True) * ratio).clamp(max=0), (w.amax(1, keepdim=True) * ratio).clamp(min=0)
+        scale = (hi - lo) / 7
+        zero = torch.round(-lo / scale)
+        dense.append((fake_quantize(w, scale, zero, 7) - w).pow(2).sum(1))
+    dense_best = torch.stack(dense).amin(0)
+    assert torch.all(best <= dense_best * 1.02)
+
+
+def naive_obq_row(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+    """Greedy OBQ written literally: re-invert H over the remaining weights at every step."""
+    w = w.double().clone()
+    remaining = list(range(w.numel()))
+    q = torch.zeros_like(w)
+    while remaining:
+        hinv = torch.linalg.inv(h[remaining][:, remaining])
+        wf = w[remaining]
+        qf = fake_quantize(wf, scale.double(), zero.double(), maxq)
+        k = int(((qf - wf) ** 2 / torch.diagonal(hinv)).argmin())
+        w[remaining] = wf - (wf[k] - qf[k]) / hinv[k, k] * hinv[:, k]
+        q[remaining[k]] = qf[k]
+        remaining.pop(k)
+    return q
+
+
+def test_obq_equals_naive_greedy_reference() -> None:
+    w, h = correlated_problem(d_row=6, d_col=20)
+    config = QuantConfig(bits=3, method="obq", obq_memory_mb=1.0)
+    result = quantize_layer(w, h, config)
+    grid = find_grid(w, 3)
+    hd = damp_hessian(h.unsqueeze(0), config.damp, config.damp_mode)[0].double()
+    expected = torch.stack([naive_obq_row(w[i], hd, grid.scale[i], grid.zero[i], 7) for i in range(6)])
+    assert torch.allclose(result.weight.double(), expected, atol=1e-6)
+
+
+def test_obq_row_batches_do_not_change_the_result() -> None:
+    w, h = correlated_problem(d_row=10, d_col=32)
+    small = quantize_layer(w, h, QuantConfig(bits=3, method="obq", obq_memory_mb=1.0 * 32 * 32 * 12 / 2**20 + 1))
+    large = quantize_layer(w, h, QuantConfig(bits=3, method="obq", obq_memory_mb=512.0))
+    assert torch.equal(small.weight, large.weight)
+
+
+@pytest.mark.parametrize("order", ["none", "act"])
+def test_fastobq_with_gptq_orders_equals_gptq(order: str) -> None:
+    w, h = correlated_problem()
+    fast = quantize_layer(w, h, QuantConfig(bits=3, method="fastobq", order=order, block_size=16))
+    gptq = quantize_layer(w, h, QuantConfig(bits=3, method="gptq", order=order, block_size=16))
+    assert torch.equal(fast.weight, gptq.weight)
+
+
+def test_gptq_matches_sequential_inverse_hessian_updates() -> None:
+    """The lazy Cholesky-block solver equals the textbook per-column OBS update of H^-1 (eqs. 12-13)."""
+    w, h = correlated_problem(d_row=8, d_col=24)
+    config = QuantConfig(bits=3, method="gptq", block_size=5)
+    result = quantize_layer(w, h, config)
+    grid = find_grid(w, 3)
+    hinv = torch.linalg.inv(damp_hessian(h.unsqueeze(0), config.damp, config.damp_mode)[0].double())
+    ww = w.double().clone()
+    for j in range(24):
+        q = fake_quantize(ww[:, j], grid.scale[:, 0].double(), grid.zero[:, 0].double(), 7)
+        err = (ww[:, j] - q) / hinv[j, j]
+        ww -= err[:, None] * hinv[j][None, :]
+        ww[:, j] = q
+        hinv = hinv - hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+    assert torch.allclose(result.weight.double(), ww, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fastobq", "gptq", "obq", "rtn"])
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_every_solver_output_lies_on_its_grid(method: str, granularity: str) -> None:
+    w, h = correlated_problem(d_row=8, d_col=40)
+    r = quantize_layer(w, h, QuantConfig(bits=4, method=method, granularity=granularity, group_size=16))
+    assert r.codes.dtype == torch.uint8 and int(r.codes.max()) <= 15
+    index = torch.arange(40) // 16 if granularity == "group" else torch.zeros(40, dtype=torch.long)
+    assert torch.equal(r.weight, dequantize_codes(r.codes.float(), r.scale[:, index], r.zero[:, index]))
+    assert r.weight.shape == w.shape and r.weight.dtype == w.dtype
+
+
+@pytest.mark.parametrize("order", ["sensi_des", "sensi_asc", "err_des", "err_asc", "w_des", "w_asc", "none", "act"])
+def test_fastobq_beats_rtn_on_correlated_inputs(order: str) -> None:
+    w, h = correlated_problem()
+    r = quantize_layer(w, h, QuantConfig(bits=3, method="fastobq", order=order))
+    assert r.error < r.rtn_error
+    assert r.perm is not None and sorted(r.perm.tolist()) == list(range(w.shape[1]))
+
+
+def test_sensitivity_order_sorts_columns_by_aggregated_sensitivity() -> None:
+    w, h = correlated_problem()
+    config = QuantConfig(bits=3, method="fastobq", order="sensi_des")
+    r = quantize_layer(w, h, config)
+    grid = find_grid(w, 3)
+    hinv = torch.linalg.inv(damp_hessian(h.unsqueeze(0), config.damp, config.damp_mode)[0])
+    sens = ((fake_quantize(w, grid.scale, grid.zero, 7) - w) ** 2 / (2 * torch.diagonal(hinv))).sum(0)
+    assert torch.equal(r.perm, torch.argsort(sens, descending=True, stable=True))
+
+
+def test_grouped_problem_is_solved_in_one_batched_call_like_separate_calls() -> None:
+    problems = [correlated_problem(d_row=4, d_col=9, seed=s) for s in range(5)]
+    w = torch.stack([p[0] for p in problems])
+    h = torch.stack([p[1] for p in problems])
+    batched = quantize_layer(w, h, QuantConfig(bits=3))
+    for i, (wi, hi) in enumerate(problems):
+        single = quantize_layer(wi, hi, QuantConfig(bits=3))
+        assert torch.equal(batched.weight[i], single.weight)
+
+
+def test_dead_inputs_get_zero_weight() -> None:
+    w, h = correlated_problem(d_row=4, d_col=12)
+    h[3, :] = 0
+    h[:, 3] = 0
+    r = quantize_layer(w, h, QuantConfig(bits=4))
+    assert torch.all(r.weight[:, 3] == 0)
+
+
+def test_results_are_deterministic() -> None:
+    w, h = correlated_problem()
+    a = quantize_layer(w, h, QuantConfig(bits=3))
+    b = quantize_layer(w, h, QuantConfig(bits=3))
+    assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("bits", 1, ValueError),
+        ("bits", 9, ValueError),
+        ("bits", 4.0, TypeError),
+        ("method", "adaround", ValueError),
+        ("order", "random", ValueError),
+        ("granularity", "row", ValueError),
+        ("range_search", "kl", ValueError),
+        ("damp", -1.0, ValueError),
+        ("calibration", "twice", ValueError),
+        ("layer_types", ("Conv2d", "Embedding"), ValueError),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field: str, value, error: type[Exception]) -> None:
+    with pytest.raises(error, match=field):
+        QuantConfig(**{field: value})
+
+
+def test_config_rejects_orders_the_method_does_not_have() -> None:
+    with pytest.raises(ValueError, match="order"):
+        QuantConfig(method="gptq", order="sensi_des")
+    with pytest.raises(ValueError, match="order"):
+        QuantConfig(method="rtn", order="act")
+    assert QuantConfig(method="gptq").order == "none"
+    assert QuantConfig().replace(method="gptq").order == "none"
+
+
+def test_nan_weight_or_hessian_is_rejected_naming_the_layer() -> None:
+    w, h = correlated_problem()
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'conv9'.*NaN"):
+        quantize_layer(w, h, name="conv9")
+    w, h = correlated_problem()
+    h[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="Hessian.*NaN or Inf"):
+        quantize_layer(w, h)
+
+
+def test_shape_mismatch_is_rejected() -> None:
+    w, h = correlated_problem()
+    with pytest.raises(ValueError, match="hessian shape"):
+        quantize_layer(w, h[:-1, :-1])
+
+
+def test_indefinite_hessian_retries_with_more_damping(caplog: pytest.LogCaptureFixture) -> None:
+    w, h = correlated_problem()
+    h[5, :] = 0
+    h[:, 5] = 0
+    h[5, 5] = -0.5  # fixed by damping 1.0 but not by 0.1
+    with caplog.at_level(logging.WARNING):
+        r = quantize_layer(w, h, QuantConfig(bits=4, damp=0.1), name="fc")
+    assert r.damp == pytest.approx(1.0)
+    assert "not positive definite" in caplog.text
+
+
+def test_hopeless_hessian_raises_naming_the_layer() -> None:
+    w, _ = correlated_problem()
+    h = -1e6 * torch.eye(w.shape[1])
+    with pytest.raises(ValueError, match="'fc'.*not positive definite"):
+        quantize_layer(w, h, QuantConfig(bits=4), name="fc")

@@ -71,6 +71,14 @@ class QuantConfig:
             quantized if it matches an include pattern (all by default) and no exclude pattern.
         layer_types: which module kinds to quantize, by name (``"Linear"``, ``"Conv1d"``, ...).
         reestimate_bn: reset and re-estimate BatchNorm running statistics after quantizing.
+        budget: mixed precision: target average bits per quantized weight (e.g. 3.5). Each layer gets one
+            of ``candidate_bits`` so that the predicted model loss is least within the budget; ``bits``
+            is then only the reference width for the uniform comparison in the report.
+        budget_mb: mixed precision with the budget as the size in MB of the quantized layers (codes plus
+            float32 scales and zero points). At most one of ``budget``/``budget_mb``.
+        candidate_bits: bit widths mixed precision may choose from.
+        pin: ``{pattern: bits}`` fixing matching layers to a width under a budget (e.g. ``{"conv1": 8}``).
+        sensitivity_samples: calibration samples used to measure each layer's effect on the model output.
         progress: show a progress bar over layers when on a terminal.
     """
 
@@ -93,7 +101,11 @@ class QuantConfig:
     layer_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
     reestimate_bn: bool = True
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    budget: float | None = None
+    budget_mb: float | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 6, 8)
+    pin: dict[str, int] = field(default_factory=dict)
+    sensitivity_samples: int = 256
 
     def __post_init__(self) -> None:
         _check_number("bits", self.bits, 2, 8, integer=True)
@@ -124,6 +136,36 @@ class QuantConfig:
         self.layer_types = self._patterns("layer_types", self.layer_types)
         for kind in self.layer_types:
             _check_choice("layer_types", kind, list(LAYER_TYPES))
+        self._check_mixed_precision()
+
+    def _check_mixed_precision(self) -> None:
+        if isinstance(self.candidate_bits, int) or not isinstance(self.candidate_bits, Sequence):
+            raise TypeError(f"QuantConfig.candidate_bits must be a sequence of ints, got {self.candidate_bits!r}")
+        if not self.candidate_bits:
+            raise ValueError("QuantConfig.candidate_bits is empty")
+        for b in self.candidate_bits:
+            _check_number("candidate_bits", b, 2, 8, integer=True)
+        self.candidate_bits = tuple(sorted(set(self.candidate_bits)))
+        if not isinstance(self.pin, dict):
+            raise TypeError(f"QuantConfig.pin must be a dict {{pattern: bits}}, got {self.pin!r}")
+        for pattern, b in self.pin.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"QuantConfig.pin keys must be name patterns (str), got {pattern!r}")
+            _check_number(f"pin[{pattern!r}]", b, 2, 8, integer=True)
+        _check_number("sensitivity_samples", self.sensitivity_samples, 1, 1 << 40, integer=True)
+        if self.budget is not None and self.budget_mb is not None:
+            raise ValueError("QuantConfig.budget and QuantConfig.budget_mb are exclusive: set one")
+        if self.budget is not None:
+            _check_number("budget", self.budget, min(self.candidate_bits), max(self.candidate_bits))
+        if self.budget_mb is not None:
+            _check_number("budget_mb", self.budget_mb, 0.0, float("inf"))
+        if self.mixed_precision and self.calibration != "one_pass":
+            raise ValueError("QuantConfig.budget needs calibration='one_pass' (layers are sized together)")
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether a size budget asks for per-layer bit widths."""
+        return self.budget is not None or self.budget_mb is not None
 
     @staticmethod
     def _patterns(name: str, value: Any) -> tuple[str, ...]:
@@ -147,6 +189,6 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe view of every field."""
         out = dataclasses.asdict(self)
-        for key in ("include", "exclude", "layer_types"):
+        for key in ("include", "exclude", "layer_types", "candidate_bits"):
             out[key] = list(out[key])
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -18,9 +18,15 @@ from .config import QuantConfig
 from .hessian import HessianAccumulator, layer_groups, weight_matrix
 from .layer import LayerResult, quantize_layer
 from .measure import measure
+from .mixed import allocate_bits, layer_size_bits, output_gains, pinned_bits
 from .report import LayerStats, QuantReport
 
 log = logging.getLogger(__name__)
+
+# Hooks for distributed calibration (see `quantize_model`): reduce a layer's Hessian across processes,
+# and solve a chunk of layers (names, [G, d_row/G, d_col] weights, Hessians) into one LayerResult each.
+HessianReducer = Callable[[str, HessianAccumulator], None]
+LayerSolver = Callable[[list[str], list[torch.Tensor], list[torch.Tensor], QuantConfig], list[LayerResult]]
 
 
 class _StopForward(Exception):
@@ -120,11 +126,11 @@ def _chunks_by_memory(layers: dict[str, nn.Module], budget_mb: float) -> list[li
     return chunks
 
 
-def _stats(name: str, module: nn.Module, config: QuantConfig, r: LayerResult, samples: int) -> LayerStats:
+def _stats(name: str, module: nn.Module, r: LayerResult, config: QuantConfig, samples: int) -> LayerStats:
     w = weight_matrix(module)
     return LayerStats(
         name=name, kind=type(module).__name__, shape=list(module.weight.shape), groups=layer_groups(module),
-        d_row=w.shape[1], d_col=w.shape[2], bits=config.bits, method=config.method, order=config.order,
+        d_row=w.shape[1], d_col=w.shape[2], bits=r.bits, method=config.method, order=config.order,
         error=r.error, damped_error=r.damped_error, rtn_error=r.rtn_error, damp=r.damp,
         seconds=r.seconds, peak_rss_mb=r.peak_rss_mb, cuda_peak_mb=r.cuda_peak_mb, samples=samples,
     )
@@ -150,6 +156,8 @@ def quantize_model(
     calibration: Iterable[Any],
     config: QuantConfig | None = None,
     forward_fn: ForwardFn | None = None,
+    hessian_reducer: HessianReducer | None = None,
+    layer_solver: LayerSolver | None = None,
 ) -> QuantReport:
     """Quantize every selected Conv/Linear layer of ``model`` in place and report what happened.
 
@@ -160,6 +168,16 @@ def quantize_model(
 
     If anything fails, every parameter and buffer is restored and the error propagates: the model is
     never left half-quantized.
+
+    Distributed calibration (used by `OBQCallback` under DDP) plugs in through two optional hooks, both
+    called in the same layer order on every process:
+
+    - ``hessian_reducer(name, accumulator)`` runs after a layer's Hessian is captured and before it is
+      solved; it may replace ``accumulator.hessian``, ``.columns`` and ``.samples`` in place (for example
+      with the sample-weighted all-reduce over processes).
+    - ``layer_solver(names, weights, hessians, config)`` replaces the per-layer `quantize_layer` calls
+      for a chunk of layers (all layers at once in one-pass mode, one in sequential mode) and returns one
+      `LayerResult` per name, in order (for example solving each layer on one process and broadcasting).
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
@@ -176,7 +194,7 @@ def quantize_model(
     try:
         model.eval()
         with measure(device, reset_peak=True) as total:
-            _calibrate_and_solve(model, layers, batches, config, forward_fn, report)
+            _calibrate_and_solve(model, layers, batches, config, forward_fn, report, hessian_reducer, layer_solver)
             if config.reestimate_bn:
                 with measure(device, reset_peak=False) as bn:
                     reestimate_batchnorm(model, batches, forward_fn)
@@ -202,6 +220,8 @@ def _calibrate_and_solve(
     config: QuantConfig,
     forward_fn: ForwardFn | None,
     report: QuantReport,
+    hessian_reducer: HessianReducer | None = None,
+    layer_solver: LayerSolver | None = None,
 ) -> None:
     device = next(iter(layers.values())).weight.device
     with measure(device, reset_peak=False) as m:
@@ -213,36 +233,131 @@ def _calibrate_and_solve(
     ordered = {n: layers[n] for n, c in calls.items() if c > 0}
     if not ordered:
         raise ValueError("no selected layer received input during calibration; check forward_fn")
+    widths = {n: _candidate_widths(n, config) for n in ordered}
     show = config.progress and sys.stderr.isatty()
-    bar = tqdm(total=len(ordered), desc=f"{config.method} W{config.bits}", disable=not show, leave=False)
+    bar = tqdm(total=sum(len(w) for w in widths.values()), desc=f"{config.method} W{config.bits}",
+               disable=not show, leave=False)
+
+    def solve_serially(names: list[str], weights: list[torch.Tensor], hessians: list[torch.Tensor],
+                       cfg: QuantConfig) -> list[LayerResult]:
+        results = []
+        for name, w, h in zip(names, weights, hessians, strict=True):
+            bar.set_postfix_str(f"{name[-30:]} W{cfg.bits}")
+            results.append(quantize_layer(w, h, cfg, name=name))
+            bar.update(1)
+        return results
+
+    solve = layer_solver or solve_serially
     if config.calibration == "sequential":
         chunks = [[n] for n in ordered]
     else:
         chunks = _chunks_by_memory(ordered, config.hessian_memory_mb)
-    pending: dict[str, torch.Tensor] = {}
+    candidates: dict[str, dict[int, LayerResult]] = {n: {} for n in ordered}
+    samples: dict[str, int] = {}
     try:
         for chunk in chunks:
             subset = {n: ordered[n] for n in chunk}
             stop_early = {n: calls[n] for n in chunk} if len(chunks) > 1 else None
             with measure(device, reset_peak=False) as m:
                 accs = _capture(model, subset, batches, forward_fn, stop_early)
+                if hessian_reducer is not None:
+                    for name in chunk:
+                        hessian_reducer(name, accs[name])
             report.calib_seconds += m.seconds
+            for bits in sorted({b for n in chunk for b in widths[n]}):
+                names = [n for n in chunk if bits in widths[n]]
+                results = solve(names, [weight_matrix(ordered[n]) for n in names],
+                                [accs[n].hessian for n in names], config.replace(bits=bits))
+                if solve is layer_solver:
+                    bar.update(len(names))
+                for name, result in zip(names, results, strict=True):
+                    candidates[name][bits] = result
+                    report.solve_seconds += result.seconds
             for name in chunk:
-                module, acc = ordered[name], accs.pop(name)
-                bar.set_postfix_str(name[-30:])
-                result = quantize_layer(weight_matrix(module), acc.hessian, config, name=name)
-                acc.hessian = None
-                report.results[name] = result
-                report.layers.append(_stats(name, module, config, result, acc.samples))
-                report.solve_seconds += result.seconds
-                new = result.weight.reshape(module.weight.shape).to(module.weight.dtype)
+                samples[name] = accs.pop(name).samples
                 if config.calibration == "sequential":
-                    module.weight.data.copy_(new)
-                else:
-                    pending[name] = new
-                bar.update(1)
+                    _write_weight(ordered[name], candidates[name][config.bits])
     finally:
         bar.close()
-    # One-pass mode: every Hessian came from the FP model, so weights are written only at the end.
-    for name, new in pending.items():
-        ordered[name].weight.data.copy_(new)
+    chosen = {n: config.bits for n in ordered}
+    if config.mixed_precision:
+        chosen = _allocate(model, ordered, candidates, batches, config, forward_fn, report)
+    for name, module in ordered.items():
+        result = candidates[name][chosen[name]]
+        report.results[name] = result
+        report.layers.append(_stats(name, module, result, config, samples[name]))
+        # One-pass mode: every Hessian came from the FP model, so weights are written only at the end.
+        _write_weight(module, result)
+
+
+def _shaped(module: nn.Module, result: LayerResult) -> torch.Tensor:
+    """A result's weight in the module's own shape and dtype."""
+    return result.weight.reshape(module.weight.shape).to(module.weight.dtype)
+
+
+def _write_weight(module: nn.Module, result: LayerResult) -> None:
+    module.weight.data.copy_(_shaped(module, result))
+
+
+def _candidate_widths(name: str, config: QuantConfig) -> list[int]:
+    """Bit widths to solve a layer at: the config's, or every candidate (or its pin) under a budget."""
+    if not config.mixed_precision:
+        return [config.bits]
+    pinned = pinned_bits(name, config.pin)
+    if pinned is not None:
+        return [pinned]
+    widths = set(config.candidate_bits)
+    widths.add(config.bits)  # the reference width: gains and the uniform comparison use it
+    return sorted(widths)
+
+
+def _allocate(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    candidates: dict[str, dict[int, LayerResult]],
+    batches: list[Any],
+    config: QuantConfig,
+    forward_fn: ForwardFn | None,
+    report: QuantReport,
+) -> dict[str, int]:
+    """Per-layer bits minimising the predicted output loss within the config's budget (see `mixed`)."""
+    reference = {n: c.get(config.bits) or next(iter(c.values())) for n, c in candidates.items()}
+    gains = output_gains(
+        model, layers, {n: _shaped(layers[n], r) for n, r in reference.items()},
+        {n: r.error for n, r in reference.items()},
+        draw_batches(batches, config.sensitivity_samples), forward_fn,
+    )
+    names = list(layers)
+    options = [[b for b in sorted(candidates[n]) if b in config.candidate_bits or len(candidates[n]) == 1]
+               for n in names]
+    sizes = [[layer_size_bits(layers[n].weight.numel(), candidates[n][b].scale.numel(), b) for b in opts]
+             for n, opts in zip(names, options, strict=True)]
+    losses = [[gains[n] * candidates[n][b].error for b in opts] for n, opts in zip(names, options, strict=True)]
+    numel = sum(layers[n].weight.numel() for n in names)
+    scales_bits = sum(layer_size_bits(0, candidates[n][options[i][0]].scale.numel(), 0) for i, n in enumerate(names))
+    if config.budget is not None:
+        budget_bits = config.budget * numel + scales_bits
+    else:
+        budget_bits = config.budget_mb * 8 * 2**20
+    bits, size, loss = allocate_bits(sizes, losses, options, budget_bits)
+    if not bits:
+        smallest = sum(min(s) for s in sizes)
+        raise ValueError(
+            f"QuantConfig budget is below the smallest model the candidates and pins allow "
+            f"({(smallest - scales_bits) / numel:.3f} bits per weight, {smallest / 8 / 2**20:.3f} MB)"
+        )
+    uniform = None
+    if all(config.bits in options[i] for i in range(len(names))):
+        uniform = sum(gains[n] * candidates[n][config.bits].error for n in names)
+    report.allocation = {
+        "budget_bits_per_weight": config.budget,
+        "budget_mb": config.budget_mb,
+        "average_bits": (size - scales_bits) / numel,
+        "size_mb": size / 8 / 2**20,
+        "predicted_loss": loss,
+        "uniform_bits": config.bits,
+        "uniform_predicted_loss": uniform,
+        "layers": {n: {"bits": b, "gain": gains[n], "predicted_loss": gains[n] * candidates[n][b].error}
+                   for n, b in zip(names, bits, strict=True)},
+    }
+    return dict(zip(names, bits, strict=True))

@@ -42,6 +42,8 @@ class QuantReport:
 
     ``results`` holds each layer's `LayerResult` (codes, scales, zero points) and is left out of
     `to_dict`; ``metrics`` is filled by callers that evaluate the model (callback, CLI).
+    ``allocation`` is set under a mixed-precision budget: the chosen bits, gain and predicted loss of
+    every layer, the achieved average bits and size, and the predicted loss of uniform ``bits``.
     """
 
     config: dict[str, Any]
@@ -57,6 +59,7 @@ class QuantReport:
     fp_size_mb: float = 0.0
     quant_size_mb: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    allocation: dict[str, Any] | None = None
     results: dict[str, LayerResult] = field(default_factory=dict, repr=False)
 
     @property
@@ -96,6 +99,13 @@ class QuantReport:
             + (f", CUDA {self.cuda_peak_mb:.0f} MB" if self.cuda_peak_mb else "")
             + f" | size {self.fp_size_mb:.2f} MB -> {self.quant_size_mb:.2f} MB"
         )
+        if self.allocation:
+            a = self.allocation
+            uniform = a["uniform_predicted_loss"]
+            lines.append(
+                f"mixed precision: {a['average_bits']:.3f} bits/weight, {a['size_mb']:.3f} MB, predicted loss "
+                f"{a['predicted_loss']:.4g}" + (f" (uniform W{a['uniform_bits']}: {uniform:.4g})" if uniform else "")
+            )
         if self.skipped:
             lines.append(f"skipped (no calibration input): {', '.join(self.skipped)}")
         for key, value in sorted(self.metrics.items()):

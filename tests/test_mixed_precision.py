@@ -1,0 +1,126 @@
+"""Mixed precision under a size budget: exact allocation, pins, budget respected, never worse than uniform."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_obq import QuantConfig, quantize_model
+from lightning_obq.mixed import allocate_bits
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_allocation_equals_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    n_layers = rng.randint(1, 5)
+    options = [sorted(rng.sample([2, 3, 4, 6, 8], rng.randint(1, 4))) for _ in range(n_layers)]
+    numel = [rng.randint(10, 1000) for _ in range(n_layers)]
+    sizes = [[n * b for b in opts] for n, opts in zip(numel, options, strict=True)]
+    losses = [[rng.random() * 2.0 ** (-b) * n for b in opts] for n, opts in zip(numel, options, strict=True)]
+    budget = rng.uniform(sum(min(s) for s in sizes), sum(max(s) for s in sizes) + 1)
+    best = (float("inf"), None)
+    for pick in itertools.product(*(range(len(o)) for o in options)):
+        size = sum(sizes[i][k] for i, k in enumerate(pick))
+        loss = sum(losses[i][k] for i, k in enumerate(pick))
+        if size <= budget and loss < best[0]:
+            best = (loss, pick)
+    bits, size, loss = allocate_bits(sizes, losses, options, budget)
+    assert size <= budget
+    assert loss == pytest.approx(best[0])
+    assert bits == [options[i][k] for i, k in enumerate(best[1])]
+
+
+def test_infeasible_budget_returns_nothing() -> None:
+    assert allocate_bits([[10, 20]], [[1.0, 0.5]], [[2, 4]], 5)[0] == []
+
+
+class TwoBranches(nn.Module):
+    """Two equal conv branches whose outputs are summed with gains 30 and 1/30: very uneven sensitivity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud = nn.Conv2d(3, 16, 3, padding=1)
+        self.quiet = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(30.0 * self.loud(x) + self.quiet(x) / 30.0)
+        return self.head(torch.relu(self.mix(y)).mean((2, 3)))
+
+
+def uneven_model() -> nn.Module:
+    return TwoBranches().eval()
+
+
+def calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.avg_pool2d(torch.randn(64, 3, 8, 8, generator=g), 3, 1, 1)
+    return list(x.split(16))
+
+
+def quantized_weights(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+
+
+@pytest.mark.parametrize("budget", [3.0, 4.0, 5.5])
+def test_budget_is_respected_and_mixed_beats_uniform(budget: float) -> None:
+    model = uneven_model()
+    report = quantize_model(model, calibration(), QuantConfig(bits=4, budget=budget, progress=False))
+    a = report.allocation
+    assert a is not None and a["average_bits"] <= budget + 1e-9
+    chosen = {s.name: s.bits for s in report.layers}
+    assert {n: v["bits"] for n, v in a["layers"].items()} == chosen
+    numel = {s.name: torch.Size(s.shape).numel() for s in report.layers}
+    assert sum(numel[n] * b for n, b in chosen.items()) / quantized_weights(model) == pytest.approx(a["average_bits"])
+    if budget == 4.0:
+        assert a["predicted_loss"] <= a["uniform_predicted_loss"]
+        assert a["predicted_loss"] < 0.5 * a["uniform_predicted_loss"]
+        assert chosen["loud"] > chosen["quiet"]
+    # Every layer's weights are on the grid of its own width.
+    for name, r in report.results.items():
+        assert r.bits == chosen[name] and int(r.codes.max()) < 2**r.bits
+
+
+def test_pins_are_honoured_and_count_in_the_budget() -> None:
+    model = uneven_model()
+    config = QuantConfig(bits=4, budget=5.5, pin={"loud": 8, "head": 8}, progress=False)
+    report = quantize_model(model, calibration(), config)
+    chosen = {s.name: s.bits for s in report.layers}
+    assert chosen["loud"] == 8 and chosen["head"] == 8
+    assert report.allocation["average_bits"] <= 5.5
+
+
+def test_budget_in_megabytes() -> None:
+    model = uneven_model()
+    report = quantize_model(model, calibration(), QuantConfig(budget_mb=0.0008, progress=False))
+    assert report.allocation["size_mb"] <= 0.0008
+
+
+def test_unreachable_budget_is_a_clear_error_and_the_model_is_unchanged() -> None:
+    model = uneven_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="budget is below"):
+        quantize_model(model, calibration(), QuantConfig(budget=2.5, pin={"head": 8, "mix": 8}, progress=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"budget": 1.5}, "budget"),
+        ({"budget": 9.0}, "budget"),
+        ({"budget": 4.0, "budget_mb": 1.0}, "budget_mb"),
+        ({"candidate_bits": (1, 4)}, "candidate_bits"),
+        ({"pin": {"conv1": 12}}, "pin"),
+        ({"budget": 4.0, "calibration": "sequential"}, "budget"),
+    ],
+)
+def test_bad_mixed_precision_settings(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**kwargs)

@@ -3,18 +3,23 @@
 The public API: `QuantConfig`, `quantize_layer`, `quantize_model` and `OBQCallback` (Lightning).
 """
 
+from .callback import OBQCallback
 from .config import QuantConfig
+from .export import load_quantized, save_quantized
 from .layer import LayerResult, quantize_layer
 from .quantize import quantize_model
 from .report import LayerStats, QuantReport
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "LayerResult",
     "LayerStats",
+    "OBQCallback",
     "QuantConfig",
     "QuantReport",
     "__version__",
+    "load_quantized",
     "quantize_layer",
     "quantize_model",
+    "save_quantized",
 ]

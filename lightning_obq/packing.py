@@ -46,6 +46,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % 8
     if pad:
         codes = torch.cat([codes, codes.new_zeros(*lead, pad)], dim=-1)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shift and OR them in
+        per = 8 // bits
+        grouped = codes.reshape(*lead, -1, per)
+        out = grouped[..., 0].clone()
+        for j in range(1, per):
+            out |= grouped[..., j] << (j * bits)
+        return out[..., : packed_size(n, bits)].contiguous()
     # 8 codes of `bits` bits fill exactly `bits` bytes: expand codes to bits, regroup the bits by byte.
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = (codes.reshape(*lead, -1, 8, 1) >> shifts) & 1  # [..., k, 8, bits], LSB first
@@ -68,6 +75,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
                          f"{packed_size(n, bits)}")
     if bits == 8:
         return packed.clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        out = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return out.reshape(*packed.shape[:-1], -1)[..., :n].contiguous()
     *lead, m = packed.shape
     pad = (-m) % bits
     if pad:

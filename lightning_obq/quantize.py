@@ -189,7 +189,7 @@ def quantize_model(
     report = QuantReport(config=config.to_dict(), samples=sum(batch_size(b) for b in batches))
     report.fp_size_mb = model_size_mb(model)
     backup = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # submodules may differ from the root
     device = next(iter(layers.values())).weight.device
     try:
         model.eval()
@@ -201,16 +201,21 @@ def quantize_model(
                 report.bn_seconds = bn.seconds
     except BaseException:
         model.load_state_dict(backup)
-        model.train(was_training)
+        _restore_modes(modes)
         log.error("quantization failed; the model's original weights and buffers were restored")
         raise
-    model.train(was_training)
+    _restore_modes(modes)
     report.total_seconds = total.seconds
     report.peak_rss_mb = max([total.peak_rss_mb] + [s.peak_rss_mb for s in report.layers])
     report.cuda_peak_mb = max([total.cuda_peak_mb] + [s.cuda_peak_mb for s in report.layers])
     report.quant_size_mb = model_size_mb(model, report.results, layers)
     log.info("quantized %d layers in %.2fs", len(report.layers), report.total_seconds)
     return report
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 def _calibrate_and_solve(

@@ -226,6 +226,13 @@ def test_failure_half_way_restores_the_model_exactly() -> None:
     assert model.training  # mode restored too
 
 
+def test_train_modes_of_submodules_are_kept() -> None:
+    model = nn.Sequential(small_cnn())  # a training wrapper around an eval-mode network
+    model.training = True
+    quantize_model(model, [images()], QuantConfig(progress=False))
+    assert model.training and not model[0].training and not model[0][1].training
+
+
 def test_same_inputs_give_bit_identical_weights() -> None:
     a, b = small_cnn(), small_cnn()
     quantize_model(a, [images()], QuantConfig(progress=False))

@@ -145,7 +145,8 @@ def _write_split(folder: Path, split: str, count: int, items: np.ndarray, labels
 
 def _data_yaml(root: Path) -> str:
     names = "\n".join(f"  {i}: {json.dumps(n)}" for i, n in enumerate(CLASS_NAMES))
-    return f"path: {json.dumps(str(root))}\ntrain: images/train\nval: images/val\nnc: {len(CLASS_NAMES)}\nnames:\n{names}\n"
+    head = f"path: {json.dumps(str(root))}\ntrain: images/train\nval: images/val\nnc: {len(CLASS_NAMES)}\n"
+    return f"{head}names:\n{names}\n"
 
 
 def build_detection_dataset(
@@ -166,11 +167,14 @@ def build_detection_dataset(
         spec = DetectionSetSpec(**spec_fields)  # type: ignore[arg-type]
     elif spec_fields:
         raise TypeError("pass either spec or its fields, not both")
-    parent = Path(root).expanduser() if root is not None else cache_dir() / "detection"
+    parent = (Path(root).expanduser() if root is not None else cache_dir() / "detection").resolve()
     folder = parent / f"fashion-det-{spec.key()}"
     meta = folder / "meta.json"
     if meta.is_file() and json.loads(meta.read_text()).get("spec") == json.loads(json.dumps(asdict(spec))):
-        return folder / "data.yaml"
+        yaml = folder / "data.yaml"
+        if not yaml.is_file() or yaml.read_text() != _data_yaml(folder):  # the folder was moved or renamed
+            yaml.write_text(_data_yaml(folder))
+        return yaml
 
     log.info("building the Fashion-MNIST detection set in %s", folder)
     tmp = parent / f".{folder.name}.tmp{os.getpid()}"

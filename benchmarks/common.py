@@ -14,6 +14,11 @@ Stable API (other benchmark scripts import it; keep these signatures):
   script under Debian's libjemalloc2 (OBQ is 3-5x faster with it; claims against OBQ must use it).
 - ``matmul_gflops(n=2048, repeats=5) -> float``: the plain float32 matrix-multiply rate of this machine,
   the yardstick for "runs at matrix-multiply speed".
+- ``current_rss_mb() -> float``: resident memory now (peak increments are ``peak - current`` before a call).
+- ``calibration_images(n, size=224, seed=0) -> Tensor [n, 3, size, size]``: images with real image
+  statistics and no download (mosaics of Fashion-MNIST pictures), smoothed noise if that is missing.
+- ``torchvision_model(name, images, batch=32, seed=0) -> nn.Module``: a randomly initialised torchvision
+  model in eval mode whose BatchNorm statistics were estimated on ``images`` (sane activations).
 
 Scripts run as ``python benchmarks/<name>.py`` import it as ``from common import ...`` (the script's
 folder is on ``sys.path``); ``python -m benchmarks.<name>`` can use ``from benchmarks.common import ...``.
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -242,3 +249,66 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.fl
         torch.mm(a, b, out=c)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process right now, in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def calibration_images(n: int, size: int = 224, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``n`` RGB images ``[n, 3, size, size]`` with real image statistics, plus a sentence saying what they are.
+
+    Weights and ImageNet cannot be downloaded here, so each image is a mosaic of 4x4 real Fashion-MNIST
+    pictures (28 px, upsampled 2x to 56 px tiles, gray repeated to RGB, normalised): real edges and
+    textures at several scales, which random noise lacks. Without the dataset, smoothed Gaussian noise.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tiles_per_side = 4
+    tile = size // tiles_per_side
+    try:
+        from lightning_obq.data import fashion_mnist
+
+        data = fashion_mnist(train=True, download=False, channels=3)
+        count = n * tiles_per_side**2
+        index = torch.randperm(len(data), generator=gen)[:count].tolist()
+        pics = torch.stack([data[i][0] for i in index])  # [count, 3, 28, 28]
+        pics = F.interpolate(pics, size=(tile, tile), mode="bilinear", align_corners=False)
+        pics = pics.reshape(n, tiles_per_side, tiles_per_side, 3, tile, tile)
+        images = pics.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, tile * tiles_per_side, tile * tiles_per_side)
+        if images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        what = (
+            f"{n} images of {size} px, each a 4x4 mosaic of real Fashion-MNIST pictures (upsampled to "
+            f"{tile} px tiles, gray to RGB, normalised); seed {seed}"
+        )
+        return images.contiguous(), what
+    except (ImportError, RuntimeError, OSError):
+        noise = torch.randn(n, 3, size // 8, size // 8, generator=gen)
+        images = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+        images += 0.1 * torch.randn(images.shape, generator=gen)
+        return images, f"{n} images of {size} px of smoothed Gaussian noise (Fashion-MNIST not found); seed {seed}"
+
+
+def torchvision_model(name: str, images: torch.Tensor, batch: int = 32, seed: int = 0) -> nn.Module:
+    """Randomly initialised ``torchvision.models.<name>()`` in eval mode with BN statistics from ``images``.
+
+    Pretrained weights cannot be downloaded here; estimating the BatchNorm statistics on the images makes
+    the activations of the random network normalised like a trained one's, so Hessians are realistic.
+    """
+    import torchvision
+
+    from lightning_obq.batchnorm import reestimate_batchnorm
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    with torch.no_grad():
+        reestimate_batchnorm(model, list(images.split(batch)))
+    return model

@@ -145,12 +145,19 @@ def prepare_fashion_mnist(
     return root
 
 
-def fashion_transform(augment: bool = False) -> transforms.Compose:
-    """Tensor + normalisation with the training-set statistics; ``augment`` adds flips and small shifts."""
+def fashion_transform(augment: bool = False, channels: int = 1) -> transforms.Compose:
+    """Tensor + normalisation with the training-set statistics; ``augment`` adds flips and small shifts.
+
+    ``channels=3`` repeats the gray channel, for networks built for RGB input (torchvision models).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
     steps: list = []
     if augment:
         steps += [transforms.RandomHorizontalFlip(), transforms.RandomCrop(28, padding=2)]
-    steps += [transforms.ToTensor(), transforms.Normalize(FASHION_MEAN, FASHION_STD)]
+    if channels == 3:
+        steps.append(transforms.Grayscale(3))
+    steps += [transforms.ToTensor(), transforms.Normalize(FASHION_MEAN * channels, FASHION_STD * channels)]
     return transforms.Compose(steps)
 
 
@@ -160,10 +167,12 @@ def fashion_mnist(
     source: str | os.PathLike | None = None,
     download: bool = True,
     augment: bool = False,
+    channels: int = 1,
 ) -> datasets.FashionMNIST:
     """The real Fashion-MNIST train (60k) or test (10k) split, normalised, from local files when possible."""
+    transform = fashion_transform(augment, channels)
     root = prepare_fashion_mnist(root, source, download)
-    return datasets.FashionMNIST(str(root), train=train, download=False, transform=fashion_transform(augment))
+    return datasets.FashionMNIST(str(root), train=train, download=False, transform=transform)
 
 
 def subset(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset:

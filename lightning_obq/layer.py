@@ -106,7 +106,7 @@ def quantize_layer(
                     codes, perm = solve_column_parallel(w, hd, scale, zero, maxq, config.order,
                                                         config.block_size, hessian_for_order=h)
                 elif config.method == "obq":
-                    codes = solve_obq(w, hd, scale, zero, maxq, config.obq_memory_mb)
+                    codes = solve_obq(w, hd, scale, zero, maxq, config.obq_memory_mb, outliers=True)
                 else:
                     torch.linalg.cholesky(hd)  # rtn needs no Hessian, but a broken one is still reported
                     codes = solve_rtn(w, scale, zero, maxq)

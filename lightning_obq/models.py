@@ -1,4 +1,4 @@
-"""The demo's models: a small ResNet with BatchNorm and a LightningModule that trains any classifier."""
+"""The demo's models: a small ResNet, a MobileNetV2-style CNN, and a LightningModule that trains any classifier."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
+from torchvision.models.mobilenetv2 import InvertedResidual
 
 
 class BasicBlock(nn.Module):
@@ -61,6 +62,56 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class MobileNetV2Small(nn.Module):
+    """A MobileNetV2-style CNN for 28x28 images: inverted residual blocks with depthwise 3x3 convs.
+
+    The depthwise convs (a 9x9 Hessian per channel) are the layers that collapse at uniform low bit
+    widths in GPTQ-style quantizers, which makes this the test bed for mixed precision. Built from
+    torchvision's own ``InvertedResidual`` block; ``width`` scales every stage (32 gives the widths
+    16/24/32/64 of MobileNetV2's first stages and a 128-channel head).
+    """
+
+    STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 1, 1))  # (expand, channels, repeats, stride)
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        if min(num_classes, in_channels, width) < 1:
+            raise ValueError(
+                f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}"
+            )
+
+        def scaled(c: int) -> int:
+            return max(8, c * width // 32)
+
+        layers: list[nn.Module] = [nn.Sequential(
+            nn.Conv2d(in_channels, scaled(32), 3, 1, 1, bias=False), nn.BatchNorm2d(scaled(32)), nn.ReLU6(inplace=True)
+        )]
+        channels = scaled(32)
+        for expand, out, repeats, stride in self.STAGES:
+            for i in range(repeats):
+                layers.append(InvertedResidual(channels, scaled(out), stride if i == 0 else 1, expand))
+                channels = scaled(out)
+        layers.append(nn.Sequential(
+            nn.Conv2d(channels, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU6(inplace=True)
+        ))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"smallresnet": SmallResNet, "mobilenetv2": MobileNetV2Small}
+
+
+def build_network(arch: str = "smallresnet", num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
+    """One of the demo networks by name (``"smallresnet"`` or ``"mobilenetv2"``)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](num_classes, in_channels, width)
+
+
 class ImageClassifier(L.LightningModule):
     """Cross-entropy image classification around any ``nn.Module`` (default: `SmallResNet`).
 
@@ -69,11 +120,11 @@ class ImageClassifier(L.LightningModule):
     is rebuilt from the saved hyper-parameters, so checkpoints reload with ``load_from_checkpoint``.
 
     Args:
-        model: the network; ``None`` builds ``SmallResNet(num_classes, in_channels, width)``.
+        model: the network; ``None`` builds ``build_network(arch, num_classes, in_channels, width)``.
         num_classes: classes of the task (sizes the accuracy metrics).
         lr: peak learning rate.
         weight_decay: AdamW weight decay.
-        in_channels / width: `SmallResNet` settings when ``model`` is None.
+        in_channels / width / arch: network settings when ``model`` is None.
     """
 
     def __init__(
@@ -84,10 +135,11 @@ class ImageClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         in_channels: int = 1,
         width: int = 32,
+        arch: str = "smallresnet",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        self.model = model if model is not None else SmallResNet(num_classes, in_channels, width)
+        self.model = model if model is not None else build_network(arch, num_classes, in_channels, width)
         self.lr = lr
         self.weight_decay = weight_decay
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
@@ -120,7 +172,7 @@ class ImageClassifier(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         trainer = getattr(self, "_trainer", None)
         steps = trainer.estimated_stepping_batches if trainer is not None else None
-        if not steps or steps == float("inf"):
+        if not steps or steps == float("inf") or steps < 8:  # one-cycle needs a few steps to warm up and decay
             return optimizer
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.lr, total_steps=int(steps), pct_start=0.25

@@ -27,8 +27,17 @@ def _cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor:
 
 
 def inverse_hessian(h: torch.Tensor) -> torch.Tensor:
-    """``H^-1`` of a (batched) positive-definite matrix via its Cholesky factor."""
-    return torch.cholesky_inverse(_cholesky(h))
+    """``H^-1`` of a (batched) positive-definite matrix via its Cholesky factor.
+
+    The inverse is taken as two triangular solves against the identity (``cholesky_solve``): on the
+    MKL CPU build this is 1.2-80x faster than ``cholesky_inverse`` (LAPACK potri), which was erratic
+    under load (e.g. 3.6-14 s vs a steady 3.5 s at d=4608, 8 s vs 0.1 s at d=1152). The result is
+    symmetrised so either triangle can be read.
+    """
+    factor = _cholesky(h)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
+    hinv = torch.cholesky_solve(eye, factor)
+    return hinv.add_(hinv.transpose(-2, -1).clone()).mul_(0.5)
 
 
 def column_order(
@@ -99,8 +108,11 @@ def solve_column_parallel(
     if not identity:
         w = w.gather(2, perm.unsqueeze(1).expand(g, d_row, d_col))
         scale, zero = _gather_columns(scale, perm), _gather_columns(zero, perm)
-        rows = perm.unsqueeze(-1).expand(g, d_col, d_col)
-        hinv = hinv.gather(1, rows).gather(2, perm.unsqueeze(1).expand(g, d_col, d_col))
+        if g == 1:  # contiguous row copies: several times faster than an element-wise gather
+            hinv = hinv[0].index_select(0, perm[0]).index_select(1, perm[0]).unsqueeze(0)
+        else:
+            rows = perm.unsqueeze(-1).expand(g, d_col, d_col)
+            hinv = hinv.gather(1, rows).gather(2, perm.unsqueeze(1).expand(g, d_col, d_col))
     # Upper factor U of the permuted H^-1: row i of U holds the update of step i for columns >= i.
     u = _cholesky(hinv, upper=True)
     w = w.clone()
@@ -141,6 +153,7 @@ def solve_obq(
     maxq: int,
     memory_mb: float = 1024.0,
     rows: slice | None = None,
+    outliers: bool = False,
 ) -> torch.Tensor:
     """Exact greedy OBQ (Frantar & Alistarh 2022): each row quantizes its weights one at a time.
 
@@ -149,6 +162,12 @@ def solve_obq(
     it from its own ``H^-1``. Every row owns a ``d_col x d_col`` inverse, so rows run in batches sized
     to ``memory_mb``; cost ``O(d_row d_col^3)``. ``rows`` restricts the work to a subset of rows
     (used to time a sample and extrapolate); the other rows are returned as zeros.
+
+    ``outliers=True`` adds the outlier rule of the OBC reference implementation: whenever a row has an
+    unquantized weight whose rounding error exceeds half a grid step (it lies off the grid, e.g. beyond
+    an MSE-clipped range), the worst such weight is quantized next instead of the greedy choice. Without
+    it, greedy OBQ postpones clipped weights, the updates push them further out, and on real Hessians
+    with MSE-searched grids its error can be several times that of GPTQ.
     """
     w = w.float()
     g, d_row, d_col = w.shape
@@ -173,9 +192,16 @@ def solve_obq(
             q = quantize_codes(wb, sb, zb, maxq)
             deq = dequantize_codes(q, sb, zb)
             diag = hinv.diagonal(dim1=-2, dim2=-1)
-            score = (deq - wb).pow(2) / diag
+            sq_err = (deq - wb).pow(2)
+            score = sq_err / diag
             score.masked_fill_(done, math.inf)
             p = score.argmin(1)
+            if outliers:
+                # OBC's outlier rule: a weight pushed off the grid (rounding error above half a step)
+                # is quantized at once, worst first, before the updates push it further out.
+                sq_err.masked_fill_(done, 0.0)
+                off_grid = (sq_err > 0.25 * sb.pow(2)).any(1)
+                p = torch.where(off_grid, sq_err.argmax(1), p)
             d = diag[arange, p]
             col = hinv[arange, :, p]  # [B, d_col]
             err = (wb[arange, p] - deq[arange, p]) / d
@@ -183,7 +209,9 @@ def solve_obq(
             qb[arange, p] = q[arange, p]
             wb[arange, p] = deq[arange, p]
             done[arange, p] = True
-            hinv -= col.unsqueeze(2) * (col / d.unsqueeze(1)).unsqueeze(1)
+            # In place (no [B, d_col, d_col] temporary per step): the allocator churn of a fresh
+            # temporary each step made OBQ several times slower under glibc malloc.
+            hinv.addcmul_(col.unsqueeze(2), (col / d.unsqueeze(1)).unsqueeze(1), value=-1.0)
             # Removed weights keep a unit diagonal so later divisions stay finite (they are masked).
             hinv[arange, p, p] = 1.0
         codes[gi, ri] = qb

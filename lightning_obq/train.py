@@ -12,16 +12,18 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file, save_file
 
 from .data import FashionMNISTDataModule, cache_dir
 from .measure import measure
-from .models import ImageClassifier
+from .models import ARCHITECTURES, ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,11 @@ class TrainSettings:
     train_samples: int | None = None
     augment: bool = False
     seed: int = 0
+    arch: str = "smallresnet"
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"TrainSettings.arch={self.arch!r} is not one of {sorted(ARCHITECTURES)}")
         for name in ("epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
@@ -52,15 +57,20 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """Short hash of the settings (and the cache format)."""
-        text = json.dumps({"format": CACHE_FORMAT, **self.to_dict()}, sort_keys=True)
+        """Short hash of the settings (and the cache format); the architecture is named in the file name."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "arch"}
+        text = json.dumps({"format": CACHE_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _new_module(settings: TrainSettings) -> ImageClassifier:
+    return ImageClassifier(lr=settings.lr, weight_decay=settings.weight_decay, width=settings.width, arch=settings.arch)
 
 
 def model_cache_paths(settings: TrainSettings, folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """(weights, metadata) paths of the cached model for these settings."""
     folder = Path(folder) if folder is not None else cache_dir() / "models"
-    stem = folder / f"smallresnet-w{settings.width}-{settings.key()}"
+    stem = folder / f"{settings.arch}-w{settings.width}-{settings.key()}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
@@ -69,7 +79,7 @@ def _load_cached(settings: TrainSettings, weights: Path, meta: Path) -> tuple[Im
         return None
     try:
         info = json.loads(meta.read_text())
-        module = ImageClassifier(lr=settings.lr, weight_decay=settings.weight_decay, width=settings.width)
+        module = _new_module(settings)
         module.model.load_state_dict(load_file(str(weights)))
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("ignoring unreadable cached model %s (%s); training again", weights, exc)
@@ -78,12 +88,24 @@ def _load_cached(settings: TrainSettings, weights: Path, meta: Path) -> tuple[Im
     return module.eval(), info
 
 
+class _EpochReport(Callback):
+    """Calls ``fn(epoch, epochs, metrics)`` after every training epoch (progress where there is no bar)."""
+
+    def __init__(self, fn: Callable[[int, int, dict[str, float]], None]) -> None:
+        self.fn = fn
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self.fn(trainer.current_epoch + 1, trainer.max_epochs or 0, metrics)
+
+
 def train_default_model(
     settings: TrainSettings | None = None,
     datamodule: FashionMNISTDataModule | None = None,
     cache: bool = True,
     cache_folder: str | os.PathLike | None = None,
     progress: bool | None = None,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> tuple[ImageClassifier, dict[str, Any]]:
     """The `SmallResNet` trained on real Fashion-MNIST: from the cache when these settings ran before.
 
@@ -97,6 +119,7 @@ def train_default_model(
         cache: read and write the cache.
         cache_folder: cache location (default ``<cache_dir>/models``).
         progress: show Lightning's progress bar (default: when stderr is a terminal).
+        on_epoch: called as ``on_epoch(epoch, epochs, metrics)`` after each training epoch.
     """
     settings = settings or TrainSettings()
     weights, meta = model_cache_paths(settings, cache_folder)
@@ -112,16 +135,17 @@ def train_default_model(
         )
     show = sys.stderr.isatty() if progress is None else progress
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    module = ImageClassifier(lr=settings.lr, weight_decay=settings.weight_decay, width=settings.width)
+    module = _new_module(settings)
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=show, enable_model_summary=False, limit_val_batches=0, deterministic=True,
+        enable_progress_bar=show, enable_model_summary=False, deterministic=True,
+        num_sanity_val_steps=0, check_val_every_n_epoch=settings.epochs,  # one validation, after the last epoch
+        callbacks=[_EpochReport(on_epoch)] if on_epoch is not None else [],
     )
     with measure("cpu") as m:
         trainer.fit(module, datamodule=datamodule)
-    result = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     info = {
-        "settings": settings.to_dict(), "key": settings.key(), "test_acc": float(result["val_acc"]),
+        "settings": settings.to_dict(), "key": settings.key(), "test_acc": float(trainer.callback_metrics["val_acc"]),
         "train_seconds": m.seconds, "path": str(weights), "cached": False,
     }
     module.eval()

@@ -26,7 +26,9 @@ CONVS = {
     "conv1d": (nn.Conv1d(4, 6, 3, padding=1, dilation=1), (2, 4, 11)),
     "conv1d_groups_stride": (nn.Conv1d(4, 8, 5, stride=2, groups=4, padding=2), (2, 4, 13)),
     "conv3d": (nn.Conv3d(2, 4, 3, padding=1), (2, 2, 5, 5, 5)),
-    "conv3d_stride_dilation_groups": (nn.Conv3d(4, 4, 3, stride=2, dilation=(1, 2, 1), groups=2, padding=2), (1, 4, 7, 7, 7)),
+    "conv3d_stride_dilation_groups": (
+        nn.Conv3d(4, 4, 3, stride=2, dilation=(1, 2, 1), groups=2, padding=2), (1, 4, 7, 7, 7)
+    ),
 }
 
 

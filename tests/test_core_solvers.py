@@ -10,6 +10,7 @@ import torch
 from lightning_obq import QuantConfig, quantize_layer
 from lightning_obq.hessian import damp_hessian
 from lightning_obq.quantizer import dequantize_codes, fake_quantize, find_grid, quantize_codes
+from lightning_obq.solvers import solve_obq
 
 
 def correlated_problem(d_row: int = 24, d_col: int = 48, n: int = 4000, seed: int = 0):
@@ -69,8 +70,13 @@ def test_mse_range_search_finds_the_scanned_optimum() -> None:
     assert torch.all(best <= dense_best * 1.02)
 
 
-def naive_obq_row(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
-    """Greedy OBQ written literally: re-invert H over the remaining weights at every step."""
+def naive_obq_row(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                  outliers: bool = False):
+    """Greedy OBQ written literally: re-invert H over the remaining weights at every step.
+
+    With ``outliers`` (the OBC reference rule), a remaining weight whose rounding error exceeds half a
+    grid step is taken next, the worst first, instead of the greedy choice.
+    """
     w = w.double().clone()
     remaining = list(range(w.numel()))
     q = torch.zeros_like(w)
@@ -79,20 +85,29 @@ def naive_obq_row(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: t
         wf = w[remaining]
         qf = fake_quantize(wf, scale.double(), zero.double(), maxq)
         k = int(((qf - wf) ** 2 / torch.diagonal(hinv)).argmin())
+        if outliers and ((qf - wf) ** 2 > scale.double() ** 2 / 4).any():
+            k = int(((qf - wf) ** 2).argmax())
         w[remaining] = wf - (wf[k] - qf[k]) / hinv[k, k] * hinv[:, k]
         q[remaining[k]] = qf[k]
         remaining.pop(k)
     return q
 
 
-def test_obq_equals_naive_greedy_reference() -> None:
+@pytest.mark.parametrize("outliers", [False, True])
+def test_obq_equals_naive_greedy_reference(outliers: bool) -> None:
     w, h = correlated_problem(d_row=6, d_col=20)
-    config = QuantConfig(bits=3, method="obq", obq_memory_mb=1.0)
-    result = quantize_layer(w, h, config)
+    w[:, 3] *= 6  # weights beyond the MSE-clipped range: the outlier rule has work to do
+    config = QuantConfig(bits=3, method="obq")
     grid = find_grid(w, 3)
-    hd = damp_hessian(h.unsqueeze(0), config.damp, config.damp_mode)[0].double()
-    expected = torch.stack([naive_obq_row(w[i], hd, grid.scale[i], grid.zero[i], 7) for i in range(6)])
-    assert torch.allclose(result.weight.double(), expected, atol=1e-6)
+    hd = damp_hessian(h.unsqueeze(0), config.damp, config.damp_mode)
+    codes = solve_obq(w.unsqueeze(0), hd, grid.scale.unsqueeze(0), grid.zero.unsqueeze(0), 7, memory_mb=1.0,
+                      outliers=outliers)
+    got = dequantize_codes(codes, grid.scale.unsqueeze(0), grid.zero.unsqueeze(0))[0]
+    expected = torch.stack([naive_obq_row(w[i], hd[0].double(), grid.scale[i], grid.zero[i], 7, outliers)
+                            for i in range(6)])
+    assert torch.allclose(got.double(), expected, atol=1e-6)
+    if outliers:  # quantize_layer's obq is this variant, the one of the OBC paper
+        assert torch.equal(quantize_layer(w, h, config).weight, got)
 
 
 def test_obq_row_batches_do_not_change_the_result() -> None:

@@ -1,0 +1,342 @@
+"""Per-layer benchmark: fastobq vs gptq (natural and act order) vs exact obq vs rtn on resnet18's layer shapes.
+
+For every distinct Conv/Linear weight shape of torchvision ``resnet18`` (random init: weights cannot be
+downloaded here; BatchNorm statistics estimated on the calibration images), the Hessian of the first layer
+with that shape is captured from real forward passes, then each method quantizes the layer with
+`quantize_layer` (W4, per-channel asymmetric grid with MSE range search, damp 0.1: the defaults). Written
+to ``benchmarks/results/layers.md``: seconds, peak memory, layer error, error ratio to obq, speedups, and
+whether the issue's targets are met.
+
+OBQ is exact but costs ``O(d_row d_col^3)``: where the whole layer does not fit one row batch of its memory
+budget, it runs on the first row batch only (the memory peak is then the full run's) and its time is
+extrapolated linearly in rows (rows are independent in OBQ); every such layer is marked. The script
+re-executes itself under jemalloc when installed, because OBQ is several times faster with it and a speed
+claim against OBQ must use its faster figure; all methods then run under the same allocator.
+
+    python benchmarks/layers.py                  # full run (~10 min on an idle 2-core CPU)
+    python benchmarks/layers.py --quick          # small dry run (few images, cheap OBQ sample)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RESULTS,
+    calibration_images,
+    command_line,
+    current_rss_mb,
+    fmt,
+    jemalloc_active,
+    markdown_table,
+    reexec_with_jemalloc,
+    torchvision_model,
+    write_markdown,
+)
+
+import lightning_obq.layer as layer_module  # noqa: E402
+from lightning_obq import QuantConfig, quantize_layer  # noqa: E402
+from lightning_obq.hessian import HessianAccumulator, damp_hessian, weight_matrix  # noqa: E402
+from lightning_obq.layer import LayerResult, layer_error  # noqa: E402
+from lightning_obq.measure import measure  # noqa: E402
+from lightning_obq.solvers import inverse_hessian, obq_row_batch  # noqa: E402
+
+METHODS = {  # label -> config changes
+    "fastobq": {"method": "fastobq"},
+    "gptq": {"method": "gptq", "order": "none"},
+    "gptq-act": {"method": "gptq", "order": "act"},
+    "rtn": {"method": "rtn"},
+}
+
+
+@dataclass
+class LayerBench:
+    """Everything measured on one layer shape."""
+
+    name: str
+    same_shape: list[str]
+    d_row: int
+    d_col: int
+    groups: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    error: dict[str, float] = field(default_factory=dict)
+    error_obq_rows: dict[str, float] = field(default_factory=dict)  # error on the rows obq ran on
+    obq_rows: int = 0
+    obq_extrapolated: bool = False
+    plain_greedy_ratio: float = float("nan")  # greedy OBQ without the outlier rule / obq, on <= 8 rows
+
+
+@dataclass
+class OBQEstimate:
+    """OBQ on the first ``rows`` rows (per group) and the full-layer time estimated from it."""
+
+    result: LayerResult  # on the first `rows` rows
+    rows: int
+    seconds: float  # full layer: measured, or extrapolated when `extrapolated`
+    peak_mb: float  # peak RSS increment of the measured run (one full row batch: the full run's peak)
+    extrapolated: bool
+
+
+LARGE_D_COL = 2048
+"""From this d_col on, each OBQ step is a memory-bound ``rows x d_col^2`` update whose cost is proportional
+to the rows in the batch, so timing fewer rows than a full batch (``max_rows``) still extrapolates fairly.
+Below it, the per-step overhead is shared by the whole batch, so OBQ is always timed on a full batch."""
+
+
+@contextmanager
+def obq_variant(outliers: bool = True) -> Iterator[None]:
+    """Make ``quantize_layer(method="obq")`` use `solve_obq` with or without OBC's outlier rule.
+
+    The library's ``obq`` is plain greedy OBQ (``outliers=False``); the benchmarks compare against the
+    OBC reference algorithm, which quantizes off-grid weights first (``outliers=True``).
+    """
+    original = layer_module.solve_obq
+    layer_module.solve_obq = functools.partial(original, outliers=outliers)
+    try:
+        yield
+    finally:
+        layer_module.solve_obq = original
+
+
+def obq_estimate(
+    w: torch.Tensor, h: torch.Tensor, base: QuantConfig, name: str, max_rows: int = 0,
+    rtn_seconds: float | None = None,
+) -> OBQEstimate:
+    """Run OBQ (OBC variant) on one row batch of its memory budget, or the whole layer if it fits.
+
+    ``max_rows`` caps the rows timed on layers with ``d_col >= LARGE_D_COL`` only (see there).
+
+    Rows are independent in OBQ, so the full time is extrapolated linearly in rows, but only for the
+    per-row solver work: the fixed parts (grid search + error evaluation, measured by rtn on the same
+    rows, and the one ``H^-1``) are counted once. ``rtn_seconds`` is rtn's time on the full layer (it is
+    measured here when not given). ``w`` is ``[G, d_row/G, d_col]``.
+    """
+    g, d_row, d_col = w.shape
+    k = min(d_row, obq_row_batch(d_col, base.obq_memory_mb))
+    if max_rows and d_col >= LARGE_D_COL:
+        k = min(k, max_rows)
+    before = current_rss_mb()
+    with obq_variant(outliers=True):
+        r = quantize_layer(w[:, :k], h, base.replace(method="obq"), name=name)
+    peak = r.peak_rss_mb - before
+    if k == d_row:
+        return OBQEstimate(r, k, r.seconds, peak, False)
+    if rtn_seconds is None:
+        rtn_seconds = quantize_layer(w, h, base.replace(method="rtn"), name=name).seconds
+    r_rtn_k = quantize_layer(w[:, :k], h, base.replace(method="rtn"), name=name)
+    with measure() as m_inv:
+        inverse_hessian(damp_hessian(h, base.damp, base.damp_mode))
+    per_rows = max(r.seconds - r_rtn_k.seconds - m_inv.seconds, 0.0)
+    return OBQEstimate(r, k, rtn_seconds + m_inv.seconds + per_rows * d_row / k, peak, True)
+
+
+def representative_layers(model: nn.Module) -> dict[str, list[str]]:
+    """First layer of each distinct (type, weight shape, groups) -> names of all layers sharing it."""
+    shapes: dict[tuple, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            key = (type(m).__name__, tuple(m.weight.shape), getattr(m, "groups", 1))
+            shapes.setdefault(key, []).append(name)
+    return {names[0]: names for names in shapes.values()}
+
+
+def capture(model: nn.Module, names: list[str], images: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """Hessians of ``names`` from forward passes over ``images`` (the library's accumulator and hooks)."""
+    modules = dict(model.named_modules())
+    accs = {n: HessianAccumulator(modules[n], n) for n in names}
+    handles = [modules[n].register_forward_hook(accs[n].hook) for n in names]
+    try:
+        with torch.no_grad():
+            for x in images.split(batch):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian for n, a in accs.items()}
+
+
+def run_method(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, name: str, repeats: int) -> LayerResult:
+    """Best-of-``repeats`` `quantize_layer` call; the peak memory is the increment over the RSS before it."""
+    best: LayerResult | None = None
+    peak = 0.0
+    for _ in range(repeats):
+        before = current_rss_mb()
+        r = quantize_layer(w, h, config, name=name)
+        peak = max(peak, r.peak_rss_mb - before)
+        if best is None or r.seconds < best.seconds:
+            best = r
+    assert best is not None
+    best.peak_rss_mb = peak
+    return best
+
+
+def bench_layer(name: str, same: list[str], module: nn.Module, h: torch.Tensor, args: argparse.Namespace) -> LayerBench:
+    w = weight_matrix(module).detach()  # [G, d_row/G, d_col]
+    g, d_row, d_col = w.shape
+    b = LayerBench(name, same, d_row * g, d_col, g)
+    base = QuantConfig(bits=args.bits, progress=False, obq_memory_mb=args.obq_memory_mb)
+    results: dict[str, LayerResult] = {}
+    for label, changes in METHODS.items():
+        r = run_method(w, h, base.replace(**changes), name, args.repeats)
+        results[label] = r
+        b.seconds[label], b.peak_mb[label], b.error[label] = r.seconds, r.peak_rss_mb, r.error
+    est = obq_estimate(w, h, base, name, args.obq_max_rows, rtn_seconds=b.seconds["rtn"])
+    b.peak_mb["obq"], b.obq_rows, b.obq_extrapolated = est.peak_mb, est.rows * g, est.extrapolated
+    b.seconds["obq"] = est.seconds
+    if not est.extrapolated:
+        b.error["obq"] = est.result.error
+    k = est.rows
+    b.error_obq_rows["obq"] = est.result.error
+    for label, r in results.items():
+        b.error_obq_rows[label] = layer_error(w[:, :k], r.weight[:, :k], h)
+    # Plain greedy OBQ (no outlier rule) on a few of the same rows, to show what the rule is worth.
+    kp = min(k, 8)
+    with obq_variant(outliers=False):
+        plain = quantize_layer(w[:, :kp], h, base.replace(method="obq"), name=name)
+    b.plain_greedy_ratio = plain.error / layer_error(w[:, :kp], est.result.weight[:, :kp], h)
+    return b
+
+
+def summarize(benches: list[LayerBench], args: argparse.Namespace, images_note: str, capture_s: float) -> None:
+    timing_rows, error_rows, target_rows = [], [], []
+    ok_speed, ok_gptq_time, ok_err_nat, act_ratios = [], [], [], []
+    for b in benches:
+        star = "*" if b.obq_extrapolated else ""
+        shape = f"{b.d_row}x{b.d_col}" + (f" (G={b.groups})" if b.groups > 1 else "")
+        label = f"{b.name} (x{len(b.same_shape)})" if len(b.same_shape) > 1 else b.name
+        s = b.seconds
+        timing_rows.append([
+            label, shape, s["fastobq"], s["gptq"], s["gptq-act"], s["rtn"], fmt(s["obq"]) + star,
+            b.peak_mb["fastobq"], b.peak_mb["gptq"], b.peak_mb["obq"], f"{b.obq_rows}/{b.d_row}",
+        ])
+        e, eo = b.error, b.error_obq_rows
+        error_rows.append([
+            label, e["fastobq"], e["gptq"], e["gptq-act"], e["rtn"],
+            fmt(e["obq"]) if "obq" in e else f"(rows) {fmt(eo['obq'])}",
+            eo["fastobq"] / eo["obq"], eo["gptq"] / eo["obq"], eo["gptq-act"] / eo["obq"], eo["rtn"] / eo["obq"],
+            b.plain_greedy_ratio,
+        ])
+        speedup = s["obq"] / s["fastobq"]
+        t_ratio = s["fastobq"] / s["gptq"]
+        err_nat = e["fastobq"] / e["gptq"]
+        err_act = e["fastobq"] / e["gptq-act"]
+        big = b.d_col >= 576
+        if big:
+            ok_speed.append(speedup >= 100)
+        ok_gptq_time.append(t_ratio <= 1.2)
+        ok_err_nat.append(err_nat < 1)
+        act_ratios.append(err_act)
+        target_rows.append([
+            label, fmt(speedup) + star + ("" if big else " (d_col<576)"), t_ratio, err_nat, err_act,
+        ])
+    tot = {k: sum(b.seconds[k] for b in benches) for k in ("fastobq", "gptq", "gptq-act", "rtn", "obq")}
+    mean_act = sum(act_ratios) / len(act_ratios)
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    targets = "\n".join([
+        f"- fastobq >= 100x faster than obq on every layer with d_col >= 576: {verdict(all(ok_speed))} "
+        f"({sum(ok_speed)}/{len(ok_speed)} layers; smallest speedup "
+        f"{fmt(min(b.seconds['obq'] / b.seconds['fastobq'] for b in benches if b.d_col >= 576))}x).",
+        f"- fastobq <= 1.2x gptq time on every layer: {verdict(all(ok_gptq_time))} "
+        f"({sum(ok_gptq_time)}/{len(ok_gptq_time)} layers; all layers together "
+        f"{fmt(tot['fastobq'] / tot['gptq'])}x).",
+        f"- fastobq error below gptq natural order on every layer: {verdict(all(ok_err_nat))} "
+        f"({sum(ok_err_nat)}/{len(ok_err_nat)} layers).",
+        f"- fastobq error not above gptq act order on average (mean of per-layer ratios <= 1): "
+        f"{verdict(mean_act <= 1)} (mean ratio {fmt(mean_act, 4)}).",
+        f"- Totals over the distinct shapes (seconds): fastobq {fmt(tot['fastobq'])}, gptq {fmt(tot['gptq'])}, "
+        f"gptq-act {fmt(tot['gptq-act'])}, rtn {fmt(tot['rtn'])}, obq {fmt(tot['obq'])} "
+        f"(obq/fastobq {fmt(tot['obq'] / tot['fastobq'])}x).",
+    ])
+    extrapolated = [b.name for b in benches if b.obq_extrapolated]
+    setup = "\n".join([
+        "Model: torchvision `resnet18`, random init (weights cannot be downloaded here), BatchNorm statistics "
+        "estimated on the calibration images so activations are normalised like a trained network's.",
+        f"Calibration: {images_note}; Hessians captured with `HessianAccumulator` forward hooks in batches of "
+        f"{args.batch} ({fmt(capture_s)} s for all captured layers).",
+        f"Quantization: W{args.bits}, per-channel asymmetric grid with MSE range search, damp 0.1 (absolute) "
+        "- the `QuantConfig` defaults; fastobq uses its default order `sensi_des`.",
+        "Seconds are `LayerResult.seconds` of one `quantize_layer` call (grid search, solver and the error "
+        f"evaluation, which are common to all methods), best of {args.repeats} for fastobq/gptq/rtn, one run "
+        "for obq. Peak memory is the peak RSS increment of the call over the RSS before it (MB).",
+        f"OBQ row batches use a {fmt(args.obq_memory_mb)} MB budget; allocator: "
+        f"{'jemalloc (LD_PRELOAD) for every method' if jemalloc_active() else 'glibc malloc (jemalloc not used)'}.",
+        f"OBQ ran on a subset of rows and its time is extrapolated (marked `*`) on: "
+        f"{', '.join(extrapolated) if extrapolated else 'none'}. Extrapolation: rtn time of the full layer "
+        "(grid + evaluation) + one H^-1 + (obq time on the rows - rtn time on the same rows - H^-1) x "
+        "d_row/rows. OBQ's error is then known on those rows only: every error ratio to obq is taken on the "
+        "rows obq ran on (each method's error restricted to the same rows).",
+        "`obq` is the OBC reference algorithm: greedy per weight plus OBC's outlier rule (a weight off the "
+        "grid is quantized at once), `solve_obq(..., outliers=True)`. The library's `method=\"obq\"` is "
+        "currently plain greedy (`outliers=False`); the last error column shows plain greedy / obq on the "
+        "first <= 8 rows.",
+    ])
+    sections = [
+        ("Setup", setup),
+        ("Targets", targets),
+        ("Time and memory per layer shape", markdown_table(
+            ["layer", "d_row x d_col", "fastobq s", "gptq s", "gptq-act s", "rtn s", "obq s",
+             "fastobq MB", "gptq MB", "obq MB", "obq rows"], timing_rows)),
+        ("Layer error per method (tr((W-Q) H (W-Q)^T), undamped H)", markdown_table(
+            ["layer", "fastobq", "gptq", "gptq-act", "rtn", "obq", "fastobq/obq", "gptq/obq", "gptq-act/obq",
+             "rtn/obq", "plain greedy/obq"], error_rows, digits=4)),
+        ("Speed and error ratios", markdown_table(
+            ["layer", "obq s / fastobq s", "fastobq s / gptq s", "fastobq err / gptq err",
+             "fastobq err / gptq-act err"], target_rows, digits=4)),
+    ]
+    path = write_markdown(args.out, "Per-layer benchmark: resnet18 layer shapes", command_line(), sections)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=64, help="calibration images (224 px)")
+    p.add_argument("--batch", type=int, default=16, help="forward batch size for Hessian capture")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats for fastobq/gptq/rtn (best kept)")
+    p.add_argument("--obq-memory-mb", type=float, default=1024.0, help="OBQ row-batch memory budget")
+    p.add_argument("--obq-max-rows", type=int, default=0,
+                   help="cap on OBQ rows timed on layers with d_col >= 2048 (0: one full row batch)")
+    p.add_argument("--layers", default="", help="comma-separated substrings: only matching layer shapes")
+    p.add_argument("--quick", action="store_true", help="dry run: 8 images, 1 repeat, OBQ on 2 rows")
+    p.add_argument("--no-jemalloc", action="store_true", help="do not re-execute under jemalloc")
+    p.add_argument("--out", type=Path, default=RESULTS / "layers.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.batch, args.repeats, args.obq_max_rows = 8, 8, 1, 2
+    if not args.no_jemalloc:
+        reexec_with_jemalloc()
+    images, images_note = calibration_images(args.images)
+    model = torchvision_model("resnet18", images, args.batch)
+    reps = representative_layers(model)
+    if args.layers:
+        keys = args.layers.split(",")
+        reps = {n: s for n, s in reps.items() if any(k in n for k in keys)}
+    with measure() as m:
+        hessians = capture(model, list(reps), images, args.batch)
+    modules = dict(model.named_modules())
+    benches = []
+    for name, same in reps.items():
+        b = bench_layer(name, same, modules[name], hessians[name], args)
+        print(f"{name:24s} {b.d_row}x{b.d_col} " + " ".join(f"{k}={fmt(v)}s" for k, v in b.seconds.items()),
+              flush=True)
+        benches.append(b)
+    summarize(benches, args, images_note, m.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -181,8 +181,8 @@ def test_default_run_reduced(capsys, tmp_path, cache, keep_threads):
         assert rows2[key]["error"] == pytest.approx(rows[key]["error"], rel=1e-6)
 
 
-@pytest.mark.slow
-def test_compare_builtin_data(capsys, tmp_path, cache):
+def _compare_small_cnn(tmp_path, *options: str) -> list[dict]:
+    """Run `compare` on an untrained width-4 SmallResNet checkpoint with the built-in data; its rows."""
     from lightning_obq.models import ImageClassifier
 
     torch.manual_seed(0)
@@ -190,29 +190,24 @@ def test_compare_builtin_data(capsys, tmp_path, cache):
     torch.save(ImageClassifier(width=4).model.state_dict(), ckpt)
     out = tmp_path / "cmp"
     code = main(["compare", "--model", "smallresnet", "--init-args", '{"width": 4}', "--checkpoint", str(ckpt),
-                 "--bits", "3,8", "--methods", "fastobq,rtn", "--calib-samples", "64", "--eval-samples", "128",
+                 *options, "--calib-samples", "64", "--eval-samples", "128",
                  "--output-dir", str(out), "--no-wandb", "--no-progress"])
     assert code == 0
-    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert (out / "comparison.png").is_file()
+    return json.loads((out / "report.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_compare_builtin_data(capsys, tmp_path, cache):
+    rows = _compare_small_cnn(tmp_path, "--bits", "3,8", "--methods", "fastobq,rtn")
     assert [(r["method"], r["bits"]) for r in rows] == [("fastobq", 3), ("rtn", 3), ("fastobq", 8), ("rtn", 8)]
     err = {(r["method"], r["bits"]): r["error"] for r in rows}
     assert err[("fastobq", 3)] < err[("rtn", 3)] and err[("fastobq", 8)] < err[("fastobq", 3)]
-    assert (out / "comparison.png").is_file()
 
 
 @pytest.mark.slow
 def test_compare_uniform_vs_mixed_at_equal_size(capsys, tmp_path, cache):
-    from lightning_obq.models import ImageClassifier
-
-    torch.manual_seed(0)
-    ckpt = tmp_path / "small.pt"
-    torch.save(ImageClassifier(width=4).model.state_dict(), ckpt)
-    out = tmp_path / "cmp"
-    code = main(["compare", "--model", "smallresnet", "--init-args", '{"width": 4}', "--checkpoint", str(ckpt),
-                 "--bits", "3", "--methods", "fastobq", "--budget", "3.0", "--calib-samples", "64",
-                 "--eval-samples", "128", "--output-dir", str(out), "--no-wandb", "--no-progress"])
-    assert code == 0
-    rows = json.loads((out / "report.json").read_text())["rows"]
+    rows = _compare_small_cnn(tmp_path, "--bits", "3", "--methods", "fastobq", "--budget", "3.0")
     assert [(r["method"], r["bits"], r["budget"]) for r in rows] == [("fastobq", 3, None), ("fastobq", 3, 3.0)]
     uniform, mixed = rows
     assert mixed["average_bits"] <= 3.0 and uniform["average_bits"] == 3.0

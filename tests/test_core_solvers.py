@@ -108,6 +108,8 @@ def test_obq_equals_naive_greedy_reference(outliers: bool) -> None:
     assert torch.allclose(got.double(), expected, atol=1e-6)
     if outliers:  # quantize_layer's obq is this variant, the one of the OBC paper
         assert torch.equal(quantize_layer(w, h, config).weight, got)
+        plain = solve_obq(w.unsqueeze(0), hd, grid.scale.unsqueeze(0), grid.zero.unsqueeze(0), 7, outliers=False)
+        assert not torch.equal(plain, codes)  # the rule changed some choices on this clipped grid
 
 
 def test_obq_row_batches_do_not_change_the_result() -> None:

@@ -168,7 +168,10 @@ def _wandb_history_once(run_dir: Path) -> list[dict[str, Any]]:
     """
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = run_dir.glob("*.wandb")
+    paths = list(run_dir.glob("*.wandb"))
+    if not paths:  # not created yet
+        return []
+    (path,) = paths
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     block, pos, pending, rows = 32768, 7, b"", []

@@ -70,6 +70,10 @@ SCRIPT = textwrap.dedent(
     torch.save(fresh.state_dict(), os.path.join(out, f"validate{tv.global_rank}.pt"))
     with open(os.path.join(out, f"validate{tv.global_rank}.json"), "w") as f:
         json.dump({"result": result, "metrics": cbv.report.metrics}, f)
+    # Tear the process group down before exit: gloo threads alive at interpreter exit can abort the process.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_callback import read_wandb_history
 from torchvision import datasets, models
 
 from lightning_obq.cli import main
@@ -165,7 +166,10 @@ def test_default_run_reduced(capsys, tmp_path, cache, keep_threads):
     assert data["train"]["cached"] is False and data["command"].startswith("lightning-obq --epochs 1")
     assert (out / "comparison.png").stat().st_size > 10_000
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert len(runs) == 1
+    history = read_wandb_history(runs[0], require="comparison/nrows")  # waits for wandb-core's last flush
+    assert any(row.get("comparison/nrows") == len(rows) for row in history)
+    assert any(k.endswith("/top1_agreement") for row in history for k in row)
     # second run: the trained model comes from the cache; OBQ over a tiny time budget is marked skipped
     argv = [*common, "--sweep-bits", "", "--output", str(tmp_path / "demo2"), "--no-wandb",
             "--obq-max-seconds", "0.001"]

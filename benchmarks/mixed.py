@@ -5,7 +5,7 @@ For the ResNet-style CNN of the main job and a MobileNetV2-style CNN (inverted r
 against mixed precision at an average of 4.0 and 3.0 bits per weight (candidates 2/3/4/6/8), test
 accuracy on the 10k Fashion-MNIST test images. Writes ``benchmarks/results/mixed.md``.
 
-    python benchmarks/mixed.py --out benchmarks/results/mixed.md
+    python benchmarks/mixed.py --val-samples 5000 --out benchmarks/results/mixed.md
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lightning_obq.train import TrainSettings, train_default_model
 
 MODELS = {
     "SmallResNet": TrainSettings(),
-    "MobileNetV2-style": TrainSettings(arch="mobilenetv2", epochs=4),
+    "MobileNetV2-style": TrainSettings(arch="mobilenetv2", epochs=3, train_samples=20000),
 }
 SETTINGS = [
     ("uniform W4", {"bits": 4}),

@@ -285,7 +285,8 @@ def log_wandb(out: Path, name: str, rows: Sequence[dict[str, Any]], reports: dic
     from .loggers import summary_metrics
 
     mode = os.environ.get("WANDB_MODE", "offline")
-    run = wandb.init(project="lightning-obq", name=name, dir=str(out), mode=mode, config=config)
+    # A run of its own even when another is active in this process (a WandbLogger, an earlier job).
+    run = wandb.init(project="lightning-obq", name=name, dir=str(out), mode=mode, config=config, reinit="create_new")
     try:
         for key, report in reports.items():
             scalars = {k: float(v) for k, v in report.metrics.items()}

@@ -320,14 +320,17 @@ def log_to_wandb(report: QuantReport, project: str = "lightning-obq", directory:
     ``quant/mAP50``, ...) and the config. Runs are offline unless ``WANDB_MODE`` is set, so nothing
     needs an account or network.
     """
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from .loggers import default_wandb_offline, log_report
 
     default_wandb_offline()
     config = report.config
-    logger = WandbLogger(project=project, save_dir=str(directory) if directory else ".",
-                         name=name or f"yolo-{config.get('method')}-w{config.get('bits')}")
+    # A run of its own even when another is active in this process (a WandbLogger, an earlier call).
+    run = wandb.init(project=project, dir=str(directory) if directory else ".", reinit="create_new",
+                     name=name or f"yolo-{config.get('method')}-w{config.get('bits')}")
+    logger = WandbLogger(experiment=run)
     try:
         logger.log_hyperparams({**config, **(extra or {})})
         log_report([logger], report, step=0)

@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 
 import torch
-from common import RESULTS, command_line, fmt, load_note, markdown_table, write_markdown
+from common import RESULTS, command_line, fmt, markdown_table, write_markdown
 
 from lightning_obq import QuantConfig
 from lightning_obq.cli import quantize_and_evaluate
@@ -88,8 +88,7 @@ def main() -> None:
         args.out, "Mixed precision vs uniform at equal size (Fashion-MNIST)", command_line(), sections,
         intro=("Mixed precision picks each layer's width from {2, 3, 4, 6, 8} so that the predicted output "
                "loss (layer error x measured output gain) is least at the same average bits per weight as the "
-               "uniform row above it. 'vs uniform' is the accuracy difference in points at equal size.\n\n"
-               + load_note()),
+               "uniform row above it. 'vs uniform' is the accuracy difference in points at equal size."),
     )
     print(f"wrote {args.out}")
 

@@ -46,7 +46,18 @@ def summary_metrics(report: QuantReport) -> dict[str, float]:
         "obq/bits": float(report.config.get("bits", 0)),
         "obq/layers": float(len(report.layers)),
         "obq/samples": float(report.samples),
+        **allocation_metrics(report),
     }
+
+
+def allocation_metrics(report: QuantReport) -> dict[str, float]:
+    """Mixed precision totals (``obq/mixed/...``): achieved bits and size, predicted and measured loss."""
+    a = report.allocation
+    if not a:
+        return {}
+    keys = ("average_bits", "size_mb", "predicted_loss", "uniform_predicted_loss", "measured_loss",
+            "uniform_measured_loss", "kept_uniform")
+    return {f"obq/mixed/{k}": float(a[k]) for k in keys if a.get(k) is not None}
 
 
 def layer_metrics(report: QuantReport) -> dict[str, float]:
@@ -58,6 +69,8 @@ def layer_metrics(report: QuantReport) -> dict[str, float]:
         out[f"{prefix}/rtn_error"] = s.rtn_error
         out[f"{prefix}/seconds"] = s.seconds
         out[f"{prefix}/bits"] = float(s.bits)
+        if report.allocation:
+            out[f"{prefix}/predicted_loss"] = report.allocation["layers"][s.name]["predicted_loss"]
     return out
 
 

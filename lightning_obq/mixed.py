@@ -105,6 +105,47 @@ def _flat_output(out: Any) -> torch.Tensor:
     return torch.empty(0)
 
 
+def _output_change(
+    model: nn.Module,
+    swaps: Mapping[nn.Module, torch.Tensor],
+    batches: Sequence[Any],
+    reference: Sequence[torch.Tensor],
+    forward: ForwardFn,
+) -> float:
+    """Mean squared change of the model output with each module's weight swapped in; weights restored."""
+    originals = {m: m.weight.detach().clone() for m in swaps}
+    try:
+        for module, weight in swaps.items():
+            module.weight.data.copy_(weight)
+        diff = sum(float((_flat_output(forward(model, b)) - r).pow(2).sum())
+                   for b, r in zip(batches, reference, strict=True))
+    finally:
+        for module, weight in originals.items():
+            module.weight.data.copy_(weight)
+    return diff / max(1, sum(r.numel() for r in reference))
+
+
+def output_changes(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    assignments: Sequence[Mapping[str, torch.Tensor]],
+    batches: Sequence[Any],
+    forward_fn: ForwardFn | None = None,
+) -> list[float]:
+    """Mean squared model-output change for each assignment of quantized weights (layer name -> weight).
+
+    This is the measured counterpart of the predicted loss: all layers of an assignment are swapped in
+    together, so interactions the additive prediction ignores are included. The model is left as it was.
+    """
+    forward = forward_fn or default_forward
+    device = model_device(model)
+    batches = [to_device(b, device) for b in batches]
+    with torch.no_grad():
+        reference = [_flat_output(forward(model, b)) for b in batches]
+        return [_output_change(model, {layers[n]: w for n, w in a.items()}, batches, reference, forward)
+                for a in assignments]
+
+
 def output_gains(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -114,21 +155,7 @@ def output_gains(
     forward_fn: ForwardFn | None = None,
 ) -> dict[str, float]:
     """Model-output squared error per unit of layer objective, quantizing one layer at a time."""
-    forward = forward_fn or default_forward
-    device = model_device(model)
-    batches = [to_device(b, device) for b in batches]
-    with torch.no_grad():
-        reference = [_flat_output(forward(model, b)) for b in batches]
-        gains = {}
-        for name, module in layers.items():
-            original = module.weight.detach().clone()
-            module.weight.data.copy_(quantized[name])
-            try:
-                diff = sum(float((_flat_output(forward(model, b)) - r).pow(2).sum())
-                           for b, r in zip(batches, reference, strict=True))
-            finally:
-                module.weight.data.copy_(original)
-            samples = sum(r.numel() for r in reference)
-            err = layer_errors[name]
-            gains[name] = diff / samples / err if err > 0 else 0.0
-    return gains
+    names = list(layers)
+    changes = output_changes(model, layers, [{n: quantized[n]} for n in names], batches, forward_fn)
+    return {n: change / layer_errors[n] if layer_errors[n] > 0 else 0.0
+            for n, change in zip(names, changes, strict=True)}

@@ -18,7 +18,7 @@ from .config import QuantConfig
 from .hessian import HessianAccumulator, layer_groups, weight_matrix
 from .layer import LayerResult, quantize_layer
 from .measure import measure
-from .mixed import allocate_bits, layer_size_bits, output_gains, pinned_bits
+from .mixed import allocate_bits, layer_size_bits, output_changes, output_gains, pinned_bits
 from .report import LayerStats, QuantReport
 
 log = logging.getLogger(__name__)
@@ -325,44 +325,63 @@ def _allocate(
     forward_fn: ForwardFn | None,
     report: QuantReport,
 ) -> dict[str, int]:
-    """Per-layer bits minimising the predicted output loss within the config's budget (see `mixed`)."""
+    """Per-layer bits minimising the predicted output loss within the config's budget (see `mixed`).
+
+    The winner is then checked against uniform ``config.bits`` (when that fits the budget) by measuring
+    both on the sensitivity batches with all layers quantized together; if uniform changes the model
+    output less, uniform is kept, so a budget never ends worse than uniform on the calibration data.
+    """
+    sensitivity_batches = draw_batches(batches, config.sensitivity_samples)
     reference = {n: c.get(config.bits) or next(iter(c.values())) for n, c in candidates.items()}
     gains = output_gains(
         model, layers, {n: _shaped(layers[n], r) for n, r in reference.items()},
-        {n: r.error for n, r in reference.items()},
-        draw_batches(batches, config.sensitivity_samples), forward_fn,
+        {n: r.error for n, r in reference.items()}, sensitivity_batches, forward_fn,
     )
     names = list(layers)
     options = [[b for b in sorted(candidates[n]) if b in config.candidate_bits or len(candidates[n]) == 1]
                for n in names]
-    sizes = [[layer_size_bits(layers[n].weight.numel(), candidates[n][b].scale.numel(), b) for b in opts]
-             for n, opts in zip(names, options, strict=True)]
-    losses = [[gains[n] * candidates[n][b].error for b in opts] for n, opts in zip(names, options, strict=True)]
+    sizes = {n: {b: layer_size_bits(layers[n].weight.numel(), candidates[n][b].scale.numel(), b) for b in opts}
+             for n, opts in zip(names, options, strict=True)}
+    losses = {n: {b: gains[n] * candidates[n][b].error for b in opts} for n, opts in zip(names, options, strict=True)}
     numel = sum(layers[n].weight.numel() for n in names)
     scales_bits = sum(layer_size_bits(0, candidates[n][options[i][0]].scale.numel(), 0) for i, n in enumerate(names))
     if config.budget is not None:
         budget_bits = config.budget * numel + scales_bits
     else:
         budget_bits = config.budget_mb * 8 * 2**20
-    bits, size, loss = allocate_bits(sizes, losses, options, budget_bits)
+    bits, _, _ = allocate_bits([list(sizes[n].values()) for n in names], [list(losses[n].values()) for n in names],
+                               options, budget_bits)
     if not bits:
-        smallest = sum(min(s) for s in sizes)
+        smallest = sum(min(s.values()) for s in sizes.values())
         raise ValueError(
             f"QuantConfig budget is below the smallest model the candidates and pins allow "
             f"({(smallest - scales_bits) / numel:.3f} bits per weight, {smallest / 8 / 2**20:.3f} MB)"
         )
-    uniform = None
-    if all(config.bits in options[i] for i in range(len(names))):
-        uniform = sum(gains[n] * candidates[n][config.bits].error for n in names)
+    chosen = dict(zip(names, bits, strict=True))
+    uniform = {n: config.bits for n in names} if all(config.bits in sizes[n] for n in names) else None
+    measured: dict[str, float] = {}
+    kept_uniform = False
+    if uniform is not None and uniform != chosen and sum(sizes[n][config.bits] for n in names) <= budget_bits:
+        mixed_change, uniform_change = output_changes(
+            model, layers, [{n: _shaped(layers[n], candidates[n][b]) for n, b in c.items()} for c in (chosen, uniform)],
+            sensitivity_batches, forward_fn,
+        )
+        measured = {"measured_loss": mixed_change, "uniform_measured_loss": uniform_change}
+        if uniform_change < mixed_change:
+            log.warning("mixed precision: the allocation changed the calibration outputs more than uniform W%d "
+                        "(%.4g vs %.4g); keeping uniform W%d", config.bits, mixed_change, uniform_change, config.bits)
+            chosen, kept_uniform = uniform, True
+    size = sum(sizes[n][b] for n, b in chosen.items())
     report.allocation = {
         "budget_bits_per_weight": config.budget,
         "budget_mb": config.budget_mb,
         "average_bits": (size - scales_bits) / numel,
         "size_mb": size / 8 / 2**20,
-        "predicted_loss": loss,
+        "predicted_loss": sum(losses[n][b] for n, b in chosen.items()),
         "uniform_bits": config.bits,
-        "uniform_predicted_loss": uniform,
-        "layers": {n: {"bits": b, "gain": gains[n], "predicted_loss": gains[n] * candidates[n][b].error}
-                   for n, b in zip(names, bits, strict=True)},
+        "uniform_predicted_loss": None if uniform is None else sum(losses[n][config.bits] for n in names),
+        **measured,
+        "kept_uniform": kept_uniform,
+        "layers": {n: {"bits": b, "gain": gains[n], "predicted_loss": losses[n][b]} for n, b in chosen.items()},
     }
-    return dict(zip(names, bits, strict=True))
+    return chosen

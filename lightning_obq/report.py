@@ -43,7 +43,9 @@ class QuantReport:
     ``results`` holds each layer's `LayerResult` (codes, scales, zero points) and is left out of
     `to_dict`; ``metrics`` is filled by callers that evaluate the model (callback, CLI).
     ``allocation`` is set under a mixed-precision budget: the chosen bits, gain and predicted loss of
-    every layer, the achieved average bits and size, and the predicted loss of uniform ``bits``.
+    every layer, the achieved average bits and size, the predicted loss of uniform ``bits``, and (when
+    uniform ``bits`` fits the budget) the measured output change of both, with ``kept_uniform`` set when
+    uniform measured better and was kept.
     """
 
     config: dict[str, Any]
@@ -106,6 +108,12 @@ class QuantReport:
                 f"mixed precision: {a['average_bits']:.3f} bits/weight, {a['size_mb']:.3f} MB, predicted loss "
                 f"{a['predicted_loss']:.4g}" + (f" (uniform W{a['uniform_bits']}: {uniform:.4g})" if uniform else "")
             )
+            if "measured_loss" in a:
+                lines.append(
+                    f"measured output change on calibration data: allocation {a['measured_loss']:.4g}, uniform "
+                    f"W{a['uniform_bits']} {a['uniform_measured_loss']:.4g}"
+                    + (f" -> kept uniform W{a['uniform_bits']}" if a["kept_uniform"] else "")
+                )
         if self.skipped:
             lines.append(f"skipped (no calibration input): {', '.join(self.skipped)}")
         for key, value in sorted(self.metrics.items()):

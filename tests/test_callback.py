@@ -315,6 +315,22 @@ def test_fit_logs_fp_and_quantized_metrics_to_wandb_and_csv(tmp_path: Path, monk
     json.dumps(saved)
 
 
+def test_budget_logs_chosen_bits_predicted_loss_and_size(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    cb = OBQCallback(config=QuantConfig(bits=4, budget=3.5, calib_samples=64), evaluate=False)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(tmp_path, [cb], max_epochs=1, logger=csv_logger).fit(TinyNet(), train_loader(64), val_loader())
+    a = cb.report.allocation
+    logged = read_csv_metrics(Path(csv_logger.log_dir) / "metrics.csv")
+    assert logged["obq/mixed/average_bits"] == pytest.approx(a["average_bits"]) and a["average_bits"] <= 3.5
+    assert logged["obq/mixed/size_mb"] == pytest.approx(a["size_mb"], rel=1e-6)
+    assert logged["obq/mixed/predicted_loss"] == pytest.approx(a["predicted_loss"], rel=1e-6)
+    for s in cb.report.layers:
+        assert logged[f"obq/layer/{s.name}/bits"] == s.bits == a["layers"][s.name]["bits"]
+        assert logged[f"obq/layer/{s.name}/predicted_loss"] == pytest.approx(a["layers"][s.name]["predicted_loss"],
+                                                                              rel=1e-6)
+
+
 def test_without_loggers_the_report_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pl.seed_everything(0)
     cb = OBQCallback(bits=3, method="gptq", evaluate=False, calib_samples=64, reestimate_bn=False)

@@ -124,3 +124,52 @@ def test_unreachable_budget_is_a_clear_error_and_the_model_is_unchanged() -> Non
 def test_bad_mixed_precision_settings(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         QuantConfig(**kwargs)
+
+
+def output_change(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(float((model(x) - reference(x)).pow(2).sum()) for x in batches)
+
+
+def test_mixed_output_change_is_measured_and_not_above_uniform() -> None:
+    """With BN re-estimation off, the model output on the calibration data really moves less than uniform's."""
+    batches = calibration()
+    fp = uneven_model()
+    mixed, uniform = uneven_model(), uneven_model()
+    report = quantize_model(mixed, batches, QuantConfig(bits=4, budget=4.0, reestimate_bn=False, progress=False))
+    quantize_model(uniform, batches, QuantConfig(bits=4, reestimate_bn=False, progress=False))
+    a = report.allocation
+    assert not a["kept_uniform"] and a["measured_loss"] < a["uniform_measured_loss"]
+    assert output_change(mixed, fp, batches) < output_change(uniform, fp, batches)
+
+
+class CancellingBranches(nn.Module):
+    """``a(x) - b(x)`` with ``a == b`` cancels exactly when both get the same grid, plus a quiet wide branch.
+
+    Judged one layer at a time, ``a`` and ``b`` look loud, so the additive prediction spends the budget on
+    them and squeezes ``c``; measured together, uniform bits cancel ``a - b`` and only ``c`` matters.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.load_state_dict(self.a.state_dict())
+        self.c = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) - self.b(x) + 0.01 * self.c(x.repeat(1, 4))
+
+
+def test_uniform_is_kept_when_it_measures_better_than_the_allocation() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = list(torch.randn(128, 16, generator=g).split(32))
+    model = CancellingBranches()
+    report = quantize_model(model, batches, QuantConfig(bits=4, budget=4.0, progress=False))
+    a = report.allocation
+    assert a["kept_uniform"] and a["uniform_measured_loss"] < a["measured_loss"]
+    assert {s.name: s.bits for s in report.layers} == {"a": 4, "b": 4, "c": 4}
+    assert a["average_bits"] == pytest.approx(4.0) and a["predicted_loss"] == pytest.approx(a["uniform_predicted_loss"])
+    with torch.no_grad():
+        assert torch.equal(model.a.weight, model.b.weight)

@@ -7,8 +7,8 @@ solver is timed. The exponent ``k`` of ``seconds ~ size^k`` is a least-squares f
 
 OBQ rows are independent and run in batches sized to a memory budget (1024 MB): where the layer needs more
 than one batch, OBQ runs on one full batch (optionally capped by ``--obq-rows``) and its time is
-extrapolated linearly to all rows (fixed ``H^-1`` counted once), which is marked; the d_row sweep runs
-OBQ on all rows. Extrapolating from a full batch keeps the per-step overhead shared as in a full run.
+extrapolated linearly to all rows (fixed ``H^-1`` counted once), which is marked; the d_row sweep has
+no row cap. Extrapolating from a full batch keeps the per-step overhead shared as in a full run.
 
     python benchmarks/scaling.py            # writes benchmarks/results/scaling.md
     python benchmarks/scaling.py --quick
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     sections = [
         (f"Seconds vs d_col (d_row = {args.d_col_rows})", col_sweep),
-        (f"Seconds vs d_row (d_col = {args.d_row_cols}, obq on all rows)", row_sweep),
+        (f"Seconds vs d_row (d_col = {args.d_row_cols}, obq on one full row batch, no row cap)", row_sweep),
     ]
     path = write_markdown(args.out, "Solver scaling: fastobq vs gptq vs obq", command_line(), sections, intro)
     print(f"wrote {path}")

@@ -118,12 +118,21 @@ class HessianAccumulator:
     The running mean is rescaled in the same fused GEMM as each update
     (``H <- H n/(n+m) + 2/(n+m) X X^T``, `symmetric_update`), which keeps every entry at the scale of
     one average term instead of a sum over all samples, so float32 stays accurate over long runs.
+    ``position_fraction < 1`` keeps that share of each batch's input columns (a seeded random subset):
+    an unbiased, cheaper, noisier Hessian.
     """
 
-    def __init__(self, module: nn.Module, name: str = "", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, module: nn.Module, name: str = "", dtype: torch.dtype = torch.float32, position_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < position_fraction <= 1.0:
+            raise ValueError(f"position_fraction must be in (0, 1], got {position_fraction!r}")
         self.module = module
         self.name = name
         self.dtype = dtype
+        self.position_fraction = position_fraction
+        self._generator = torch.Generator().manual_seed(seed)
         self.hessian: torch.Tensor | None = None
         self.columns = 0  # N: input columns (positions) seen
         self.samples = 0  # batch items seen
@@ -133,6 +142,10 @@ class HessianAccumulator:
         if not torch.isfinite(x).all():
             raise ValueError(f"layer {self.name!r}: calibration input contains NaN or Inf")
         cols = layer_columns(self.module, x.detach()).to(self.dtype)
+        if self.position_fraction < 1.0 and cols.shape[-1] > 1:
+            keep = max(1, round(cols.shape[-1] * self.position_fraction))
+            index = torch.randperm(cols.shape[-1], generator=self._generator)[:keep].sort().values
+            cols = cols.index_select(-1, index.to(cols.device))
         m = cols.shape[-1]
         if m == 0:
             return

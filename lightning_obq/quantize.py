@@ -61,13 +61,14 @@ def _capture(
     batches: list[Any],
     forward_fn: ForwardFn | None,
     calls: dict[str, int] | None = None,
+    position_fraction: float = 1.0,
 ) -> dict[str, HessianAccumulator]:
     """Hessians of ``layers`` from one pass over ``batches``.
 
     With ``calls`` (calls per forward of each layer), the forward stops as soon as every layer of
     interest has seen all its inputs of the batch; the rest of the model is not run.
     """
-    accs = {name: HessianAccumulator(m, name) for name, m in layers.items()}
+    accs = {name: HessianAccumulator(m, name, position_fraction=position_fraction) for name, m in layers.items()}
     seen: dict[str, int] = {}
 
     def make_hook(name: str):
@@ -264,7 +265,7 @@ def _calibrate_and_solve(
             subset = {n: ordered[n] for n in chunk}
             stop_early = {n: calls[n] for n in chunk} if len(chunks) > 1 else None
             with measure(device, reset_peak=False) as m:
-                accs = _capture(model, subset, batches, forward_fn, stop_early)
+                accs = _capture(model, subset, batches, forward_fn, stop_early, config.position_fraction)
                 if hessian_reducer is not None:
                     for name in chunk:
                         hessian_reducer(name, accs[name])
@@ -358,10 +359,13 @@ def _allocate(
             f"({(smallest - scales_bits) / numel:.3f} bits per weight, {smallest / 8 / 2**20:.3f} MB)"
         )
     chosen = dict(zip(names, bits, strict=True))
-    uniform = {n: config.bits for n in names} if all(config.bits in sizes[n] for n in names) else None
+    # Uniform `bits` (pinned layers at their pin) is the baseline a budget must not lose to.
+    baseline = {n: config.bits if config.bits in sizes[n] else next(iter(sizes[n])) if len(sizes[n]) == 1 else None
+                for n in names}
+    uniform = baseline if None not in baseline.values() else None
     measured: dict[str, float] = {}
     kept_uniform = False
-    if uniform is not None and uniform != chosen and sum(sizes[n][config.bits] for n in names) <= budget_bits:
+    if uniform is not None and uniform != chosen and sum(sizes[n][b] for n, b in uniform.items()) <= budget_bits:
         mixed_change, uniform_change = output_changes(
             model, layers, [{n: _shaped(layers[n], candidates[n][b]) for n, b in c.items()} for c in (chosen, uniform)],
             sensitivity_batches, forward_fn,
@@ -379,7 +383,7 @@ def _allocate(
         "size_mb": size / 8 / 2**20,
         "predicted_loss": sum(losses[n][b] for n, b in chosen.items()),
         "uniform_bits": config.bits,
-        "uniform_predicted_loss": None if uniform is None else sum(losses[n][config.bits] for n in names),
+        "uniform_predicted_loss": None if uniform is None else sum(losses[n][b] for n, b in uniform.items()),
         **measured,
         "kept_uniform": kept_uniform,
         "layers": {n: {"bits": b, "gain": gains[n], "predicted_loss": losses[n][b]} for n, b in chosen.items()},

@@ -43,9 +43,9 @@ class QuantReport:
     ``results`` holds each layer's `LayerResult` (codes, scales, zero points) and is left out of
     `to_dict`; ``metrics`` is filled by callers that evaluate the model (callback, CLI).
     ``allocation`` is set under a mixed-precision budget: the chosen bits, gain and predicted loss of
-    every layer, the achieved average bits and size, the predicted loss of uniform ``bits``, and (when
-    uniform ``bits`` fits the budget) the measured output change of both, with ``kept_uniform`` set when
-    uniform measured better and was kept.
+    every layer, the achieved average bits and size, the predicted loss of uniform ``bits`` (pinned layers
+    at their pin), and, when that uniform model fits the budget, the measured output change of both, with
+    ``kept_uniform`` set when uniform measured better and was kept.
     """
 
     config: dict[str, Any]

@@ -105,3 +105,32 @@ def test_nan_activation_is_reported_with_the_layer_name() -> None:
     acc = HessianAccumulator(nn.Linear(4, 2), name="head.fc")
     with pytest.raises(ValueError, match="'head.fc'.*NaN"):
         acc.update(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+
+
+def test_position_fraction_subsamples_columns_without_bias() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = F.avg_pool2d(torch.randn(16, 4, 16, 16), 3, 1, 1)
+    full, half = HessianAccumulator(conv), HessianAccumulator(conv, position_fraction=0.5)
+    for batch in x.split(4):
+        full.update(batch)
+        half.update(batch)
+    assert half.columns == full.columns // 2 and half.samples == full.samples == 16
+    rel = float((half.hessian - full.hessian).norm() / full.hessian.norm())
+    assert 0 < rel < 0.15  # a different, noisier estimate of the same matrix (a 2x scale error gives 0.5)
+    again = HessianAccumulator(conv, position_fraction=0.5)
+    for batch in x.split(4):
+        again.update(batch)
+    assert torch.equal(again.hessian, half.hessian)  # seeded: reproducible
+
+
+def test_position_fraction_is_validated() -> None:
+    from lightning_obq import QuantConfig
+
+    for bad in (0, 0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="position_fraction"):
+            QuantConfig(position_fraction=bad)
+    with pytest.raises(TypeError, match="position_fraction"):
+        QuantConfig(position_fraction="half")
+    with pytest.raises(ValueError, match="position_fraction"):
+        HessianAccumulator(nn.Linear(2, 2), position_fraction=0.0)

@@ -83,6 +83,17 @@ def test_fastobq_output_closer_than_rtn_at_three_bits() -> None:
     assert outs["fastobq"] < outs["rtn"]
 
 
+def test_position_fraction_uses_fewer_columns_and_still_beats_rtn() -> None:
+    x = images(128)
+    model = small_cnn()
+    ref = model(x)
+    rtn = small_cnn()
+    quantize_model(rtn, x, QuantConfig(bits=3, method="rtn", progress=False))
+    report = quantize_model(model, x, QuantConfig(bits=3, position_fraction=0.25, progress=False))
+    assert (model(x) - ref).pow(2).mean() < (rtn(x) - ref).pow(2).mean()
+    assert report.samples == 128
+
+
 @pytest.mark.parametrize(
     "calibration",
     [

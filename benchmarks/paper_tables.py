@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"Load average at start {load_start[0]:.2f} / at end {load_end[0]:.2f} on {len(jobs)} runs: "
         + ("other jobs were sharing the 2 CPU cores, so the seconds are inflated and noisy; ratios between "
            "methods measured back to back are more meaningful than absolute times."
-           if max(load_start[0], load_end[0]) > 1.5 else "the machine was otherwise idle.")
+           if max(load_start[0], load_end[0]) > torch.get_num_threads() + 0.5 else "the machine was otherwise idle.")
     )))
     path = write_markdown(args.out, "FastOBQ paper tables at CPU scale (Fashion-MNIST CNN)", command_line(),
                           sections)

@@ -173,3 +173,22 @@ def test_uniform_is_kept_when_it_measures_better_than_the_allocation() -> None:
     assert a["average_bits"] == pytest.approx(4.0) and a["predicted_loss"] == pytest.approx(a["uniform_predicted_loss"])
     with torch.no_grad():
         assert torch.equal(model.a.weight, model.b.weight)
+
+
+def test_depthwise_convs_keep_more_bits_under_a_budget() -> None:
+    """MobileNetV2-style: the tiny depthwise convs (9x9 Hessians) are where mixed precision spends bits."""
+    from lightning_obq.batchnorm import reestimate_batchnorm
+    from lightning_obq.models import MobileNetV2Small
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.randn(128, 1, 28, 28, generator=g), 3, 1, 1)
+    model = MobileNetV2Small(width=16)
+    reestimate_batchnorm(model, [x])
+    report = quantize_model(model.eval(), list(x.split(32)), QuantConfig(bits=4, budget=4.0, progress=False))
+    modules = dict(model.named_modules())
+    depthwise = [s.bits for s in report.layers if getattr(modules[s.name], "groups", 1) > 1]
+    others = [s.bits for s in report.layers if getattr(modules[s.name], "groups", 1) == 1]
+    assert len(depthwise) == 6 and min(depthwise) >= 4
+    assert sum(depthwise) / len(depthwise) > sum(others) / len(others)
+    assert report.allocation["average_bits"] <= 4.0

@@ -154,7 +154,7 @@ def estimate_obq_seconds(model: nn.Module, config: QuantConfig) -> float:
     w = torch.randn(1, rows, d_probe, generator=gen)
     grid = find_grid(w, config.bits, config.symmetric, "channel", config.group_size, "minmax")
     start = time.perf_counter()
-    solve_obq(w, h.unsqueeze(0), grid.scale, grid.zero, 2**config.bits - 1, config.obq_memory_mb)
+    solve_obq(w, h.unsqueeze(0), grid.scale, grid.zero, 2**config.bits - 1, config.obq_memory_mb, outliers=True)
     per_row = (time.perf_counter() - start) / rows
     return sum(g * r * per_row * (d / d_probe) ** 3 for g, r, d in shapes)
 

@@ -17,6 +17,7 @@ Pareto front of (size, predicted loss) pairs.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .batchnorm import batchnorm_layers, reestimate_batchnorm
 from .calibration import ForwardFn, default_forward, model_device, to_device
 
 
@@ -111,17 +113,27 @@ def _output_change(
     batches: Sequence[Any],
     reference: Sequence[torch.Tensor],
     forward: ForwardFn,
+    reestimate_bn: bool = False,
 ) -> float:
-    """Mean squared change of the model output with each module's weight swapped in; weights restored."""
+    """Mean squared change of the model output with each module's weight swapped in.
+
+    With ``reestimate_bn`` the BatchNorm statistics are re-estimated on ``batches`` first, as
+    `quantize_model` does for the final model. Weights and BN buffers are restored afterwards.
+    """
     originals = {m: m.weight.detach().clone() for m in swaps}
+    bn_state = [(m, copy.deepcopy(m.state_dict())) for m in batchnorm_layers(model)] if reestimate_bn else []
     try:
         for module, weight in swaps.items():
             module.weight.data.copy_(weight)
+        if reestimate_bn:
+            reestimate_batchnorm(model, batches, forward)
         diff = sum(float((_flat_output(forward(model, b)) - r).pow(2).sum())
                    for b, r in zip(batches, reference, strict=True))
     finally:
         for module, weight in originals.items():
             module.weight.data.copy_(weight)
+        for module, state in bn_state:
+            module.load_state_dict(state)
     return diff / max(1, sum(r.numel() for r in reference))
 
 
@@ -131,19 +143,22 @@ def output_changes(
     assignments: Sequence[Mapping[str, torch.Tensor]],
     batches: Sequence[Any],
     forward_fn: ForwardFn | None = None,
+    reestimate_bn: bool = False,
 ) -> list[float]:
     """Mean squared model-output change for each assignment of quantized weights (layer name -> weight).
 
     This is the measured counterpart of the predicted loss: all layers of an assignment are swapped in
-    together, so interactions the additive prediction ignores are included. The model is left as it was.
+    together, so interactions the additive prediction ignores are included, and with ``reestimate_bn``
+    BatchNorm statistics are re-estimated on ``batches`` for each assignment, as the final model's are.
+    The model is left as it was.
     """
     forward = forward_fn or default_forward
     device = model_device(model)
     batches = [to_device(b, device) for b in batches]
     with torch.no_grad():
         reference = [_flat_output(forward(model, b)) for b in batches]
-        return [_output_change(model, {layers[n]: w for n, w in a.items()}, batches, reference, forward)
-                for a in assignments]
+        return [_output_change(model, {layers[n]: w for n, w in a.items()}, batches, reference, forward,
+                               reestimate_bn) for a in assignments]
 
 
 def output_gains(

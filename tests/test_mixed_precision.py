@@ -192,3 +192,20 @@ def test_depthwise_convs_keep_more_bits_under_a_budget() -> None:
     assert len(depthwise) == 6 and min(depthwise) >= 4
     assert sum(depthwise) / len(depthwise) > sum(others) / len(others)
     assert report.allocation["average_bits"] <= 4.0
+
+
+def test_measured_output_change_with_bn_reestimation_leaves_the_model_as_it_was() -> None:
+    from lightning_obq.batchnorm import reestimate_batchnorm
+    from lightning_obq.mixed import output_changes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    reestimate_batchnorm(model, calibration())
+    model.eval()
+    layers = {"0": model[0], "4": model[4]}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shifted = {n: m.weight.detach() + 0.05 for n, m in layers.items()}
+    plain, with_bn = (output_changes(model, layers, [shifted], calibration(), reestimate_bn=flag)[0]
+                      for flag in (False, True))
+    assert plain > 0 and with_bn > 0 and with_bn != plain  # re-estimated BN absorbs part of the shift
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -113,20 +113,20 @@ def _output_change(
     batches: Sequence[Any],
     reference: Sequence[torch.Tensor],
     forward: ForwardFn,
-    reestimate_bn: bool = False,
+    bn_batches: Sequence[Any] | None = None,
 ) -> float:
     """Mean squared change of the model output with each module's weight swapped in.
 
-    With ``reestimate_bn`` the BatchNorm statistics are re-estimated on ``batches`` first, as
-    `quantize_model` does for the final model. Weights and BN buffers are restored afterwards.
+    With ``bn_batches`` the BatchNorm statistics are first re-estimated on them, as `quantize_model`
+    does for the final model. Weights and BN buffers are restored afterwards.
     """
     originals = {m: m.weight.detach().clone() for m in swaps}
-    bn_state = [(m, copy.deepcopy(m.state_dict())) for m in batchnorm_layers(model)] if reestimate_bn else []
+    bn_state = [(m, copy.deepcopy(m.state_dict())) for m in batchnorm_layers(model)] if bn_batches else []
     try:
         for module, weight in swaps.items():
             module.weight.data.copy_(weight)
-        if reestimate_bn:
-            reestimate_batchnorm(model, batches, forward)
+        if bn_batches:
+            reestimate_batchnorm(model, bn_batches, forward)
         diff = sum(float((_flat_output(forward(model, b)) - r).pow(2).sum())
                    for b, r in zip(batches, reference, strict=True))
     finally:
@@ -143,22 +143,24 @@ def output_changes(
     assignments: Sequence[Mapping[str, torch.Tensor]],
     batches: Sequence[Any],
     forward_fn: ForwardFn | None = None,
-    reestimate_bn: bool = False,
+    bn_batches: Sequence[Any] | None = None,
 ) -> list[float]:
     """Mean squared model-output change for each assignment of quantized weights (layer name -> weight).
 
     This is the measured counterpart of the predicted loss: all layers of an assignment are swapped in
-    together, so interactions the additive prediction ignores are included, and with ``reestimate_bn``
-    BatchNorm statistics are re-estimated on ``batches`` for each assignment, as the final model's are.
-    The model is left as it was.
+    together, so interactions the additive prediction ignores are included, and with ``bn_batches``
+    BatchNorm statistics are re-estimated on them for each assignment, as the final model's are (pass
+    the full calibration set: re-estimating on fewer samples adds noise of its own). The model is left
+    as it was.
     """
     forward = forward_fn or default_forward
     device = model_device(model)
     batches = [to_device(b, device) for b in batches]
+    bn_batches = [to_device(b, device) for b in bn_batches] if bn_batches else None
     with torch.no_grad():
         reference = [_flat_output(forward(model, b)) for b in batches]
         return [_output_change(model, {layers[n]: w for n, w in a.items()}, batches, reference, forward,
-                               reestimate_bn) for a in assignments]
+                               bn_batches) for a in assignments]
 
 
 def output_gains(

@@ -330,8 +330,8 @@ def _allocate(
 
     The winner is then checked against uniform ``config.bits`` (when that fits the budget) by measuring
     both on the sensitivity batches with all layers quantized together (and BatchNorm re-estimated on
-    them when the config re-estimates it); if uniform changes the model output less, uniform is kept, so
-    a budget never ends worse than uniform on the calibration data.
+    the calibration batches first when the config re-estimates it, as for the final model); if uniform
+    changes the model output less, uniform is kept, so a budget never ends worse than uniform there.
     """
     sensitivity_batches = draw_batches(batches, config.sensitivity_samples)
     reference = {n: c.get(config.bits) or next(iter(c.values())) for n, c in candidates.items()}
@@ -369,7 +369,7 @@ def _allocate(
     if uniform is not None and uniform != chosen and sum(sizes[n][b] for n, b in uniform.items()) <= budget_bits:
         mixed_change, uniform_change = output_changes(
             model, layers, [{n: _shaped(layers[n], candidates[n][b]) for n, b in c.items()} for c in (chosen, uniform)],
-            sensitivity_batches, forward_fn, reestimate_bn=config.reestimate_bn,
+            sensitivity_batches, forward_fn, bn_batches=batches if config.reestimate_bn else None,
         )
         measured = {"measured_loss": mixed_change, "uniform_measured_loss": uniform_change}
         if uniform_change < mixed_change:

@@ -34,8 +34,7 @@ def main() -> None:
     torch.manual_seed(0)
     dm = FashionMNISTDataModule(batch_size=256, val_samples=args.val_samples)
     dm.setup()
-    calibration = [b for _, b in zip(range(-(-args.calib_samples // 256)), dm.calibration_dataloader(),
-                                     strict=False)]
+    calibration = dm.calibration_dataloader()  # QuantConfig.calib_samples caps what is drawn from it
     trained, info = train_default_model(TrainSettings(), progress=False)
     rows = []
     for bits in args.bits:

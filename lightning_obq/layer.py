@@ -93,6 +93,7 @@ def quantize_layer(
     with measure(w.device) as m:
         w = w.detach().float()
         h = h.detach().float()
+        h_true = h  # undamped, dead diagonal 0: what the layer really loses is measured with it
         dead = h.diagonal(dim1=-2, dim2=-1) == 0  # [G, d_col]
         if bool(dead.any()):
             h = h.clone()
@@ -128,8 +129,6 @@ def quantize_layer(
                 damp = next_damp
         q = dequantize_codes(codes, scale, zero)
         rtn = dequantize_codes(solve_rtn(w, scale, zero, maxq), scale, zero)
-        h_true = h.clone()
-        h_true.diagonal(dim1=-2, dim2=-1)[dead] = 0.0
         error = layer_error(w, q, h_true)
         # The damping only adds to the diagonal, so the damped objective needs no second product.
         extra = (hd.diagonal(dim1=-2, dim2=-1) - h_true.diagonal(dim1=-2, dim2=-1)).unsqueeze(1)  # [G, 1, d_col]

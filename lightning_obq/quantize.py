@@ -361,8 +361,7 @@ def _allocate(
         )
     chosen = dict(zip(names, bits, strict=True))
     # Uniform `bits` (pinned layers at their pin) is the baseline a budget must not lose to.
-    baseline = {n: config.bits if config.bits in sizes[n] else next(iter(sizes[n])) if len(sizes[n]) == 1 else None
-                for n in names}
+    baseline = {n: config.bits if config.bits in sizes[n] else pinned_bits(n, config.pin) for n in names}
     uniform = baseline if None not in baseline.values() else None
     measured: dict[str, float] = {}
     kept_uniform = False

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
 
 import lightning_obq.layer as layer_module  # noqa: E402
 from lightning_obq import QuantConfig, quantize_layer  # noqa: E402
+from lightning_obq.config import DEFAULT_ORDER  # noqa: E402
 from lightning_obq.hessian import HessianAccumulator, damp_hessian, weight_matrix  # noqa: E402
 from lightning_obq.layer import LayerResult, layer_error  # noqa: E402
 from lightning_obq.measure import measure  # noqa: E402
@@ -293,7 +294,7 @@ def summarize(benches: list[LayerBench], args: argparse.Namespace, images_note: 
         f"Calibration: {images_note}; Hessians captured with `HessianAccumulator` forward hooks in batches of "
         f"{args.batch} ({fmt(capture_s)} s for all captured layers).",
         f"Quantization: W{args.bits}, per-channel asymmetric grid with MSE range search, damp 0.1 (absolute) "
-        "- the `QuantConfig` defaults; fastobq uses its default order `sensi_des`.",
+        f"- the `QuantConfig` defaults; fastobq uses its default order `{DEFAULT_ORDER['fastobq']}`.",
         "Seconds are `LayerResult.seconds` of one `quantize_layer` call (grid search, solver and the error "
         f"evaluation, which are common to all methods), best of {args.repeats} for fastobq/gptq/rtn, one run "
         "for obq. Peak memory is the peak RSS increment of the call over the RSS before it (MB).",

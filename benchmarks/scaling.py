@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, command_line, fmt, markdown_table, reexec_with_jemalloc, write_markdown  # noqa: E402
 from layers import LARGE_D_COL  # noqa: E402
 
+from lightning_obq.config import DEFAULT_ORDER  # noqa: E402
 from lightning_obq.hessian import damp_hessian  # noqa: E402
 from lightning_obq.measure import measure  # noqa: E402
 from lightning_obq.quantizer import find_grid  # noqa: E402
@@ -53,7 +54,7 @@ def time_solvers(
     grid = find_grid(w, 4)
     scale, zero = grid.column_params(d_col)
     out: dict[str, tuple[float, bool]] = {}
-    for label, order in (("fastobq", "sensi_des"), ("gptq", "none")):
+    for label, order in (("fastobq", DEFAULT_ORDER["fastobq"]), ("gptq", "none")):
         best = math.inf
         for _ in range(repeats):
             with measure() as m:
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     row_sweep = sweep([(r, args.d_row_cols) for r in d_rows], "d_row", 0, args.repeats)
     intro = (
         "Solver seconds only (no grid search, no error evaluation), W4 per-channel grid, damp 0.1, float32, "
-        f"best of {args.repeats} for fastobq (order `sensi_des`) and gptq (natural order), one run for obq "
+        f"best of {args.repeats} for fastobq (order `{DEFAULT_ORDER['fastobq']}`) and gptq (natural order), "
+        "one run for obq "
         "(OBC variant with the outlier rule). Theory: fastobq/gptq `O(d_col^3 + d_row d_col^2)`, obq "
         "`O(d_row d_col^3)`; at small sizes fixed per-column Python overhead flattens the curves. `*`: obq "
         "timed on one full row batch of its 1024 MB budget"

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .config import METHODS, ORDERS, QuantConfig
+from .config import DEFAULT_ORDER, METHODS, ORDERS, QuantConfig
 from .data import fashion_mnist, image_folder, subset
 from .hessian import weight_matrix
 from .models import ImageClassifier, SmallResNet
@@ -79,19 +79,19 @@ class Job:
 
 
 def default_jobs(bits: int, obq: bool = True) -> list[Job]:
-    """The demo's table: FastOBQ (sensitivity order), GPTQ (act order), RTN, and OBQ."""
-    jobs = [Job("fastobq", bits, "sensi_des"), Job("gptq", bits, "act"), Job("rtn", bits)]
+    """The demo's table: FastOBQ (its default order), GPTQ (act order), RTN, and OBQ."""
+    jobs = [Job("fastobq", bits, DEFAULT_ORDER["fastobq"]), Job("gptq", bits, "act"), Job("rtn", bits)]
     return jobs + [Job("obq", bits)] if obq else jobs
 
 
 def compare_jobs(methods: Sequence[str], bits: Sequence[int], budget: float | None = None) -> list[Job]:
-    """Every method at every bit width (fastobq in sensitivity order, gptq in act order).
+    """Every method at every bit width (fastobq in its default order, gptq in act order).
 
     With a ``budget`` (average bits per weight), each method except the slow exact OBQ also runs in
     mixed precision at that budget, next to its uniform run at the nearest whole width (added to the
     bit widths if missing), so uniform and mixed are compared at equal size.
     """
-    orders = {"fastobq": "sensi_des", "gptq": "act"}
+    orders = {"fastobq": DEFAULT_ORDER["fastobq"], "gptq": "act"}
     if budget is not None:
         bits = sorted({*bits, min(8, max(2, round(budget)))})
     jobs = [Job(m, b, orders.get(m)) for b in bits for m in methods]

@@ -123,7 +123,7 @@ def test_quantize_local_torchvision_model_on_image_folder(capsys, tmp_path, cach
                  "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "fastobq (sensi_des)" in printed and out.is_file()
+    assert "fastobq (sensi_dyn)" in printed and out.is_file()
     data = json.loads(report.read_text())
     row = data["row"]
     assert row["status"] == "ok" and 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["top1_agreement"] <= 1.0
@@ -155,7 +155,7 @@ def test_default_run_reduced(capsys, tmp_path, cache, keep_threads):
     assert main([*common, "--sweep-bits", "2", "--output", str(out)]) == 0
     assert torch.get_num_threads() == 1
     printed = capsys.readouterr().out
-    for label in ("FP32", "fastobq (sensi_des)", "gptq (act)", "rtn", "obq"):
+    for label in ("FP32", "fastobq (sensi_dyn)", "gptq (act)", "rtn", "obq"):
         assert label in printed
     data = json.loads((out / "report.json").read_text())
     rows = {(r["method"], r["bits"]): r for r in data["rows"]}

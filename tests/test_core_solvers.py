@@ -7,10 +7,11 @@ import logging
 import pytest
 import torch
 
-from lightning_obq import QuantConfig, quantize_layer
+from lightning_obq import QuantConfig, quantize_layer, solvers
+from lightning_obq.config import ORDERS
 from lightning_obq.hessian import damp_hessian
 from lightning_obq.quantizer import dequantize_codes, fake_quantize, find_grid, quantize_codes
-from lightning_obq.solvers import solve_obq
+from lightning_obq.solvers import reorder_block, solve_obq
 
 
 def correlated_problem(d_row: int = 24, d_col: int = 48, n: int = 4000, seed: int = 0):
@@ -155,7 +156,7 @@ def test_every_solver_output_lies_on_its_grid(method: str, granularity: str) -> 
     assert r.weight.shape == w.shape and r.weight.dtype == w.dtype
 
 
-@pytest.mark.parametrize("order", ["sensi_des", "sensi_asc", "err_des", "err_asc", "w_des", "w_asc", "none", "act"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_fastobq_beats_rtn_on_correlated_inputs(order: str) -> None:
     w, h = correlated_problem()
     r = quantize_layer(w, h, QuantConfig(bits=3, method="fastobq", order=order))
@@ -173,8 +174,61 @@ def test_sensitivity_order_sorts_columns_by_aggregated_sensitivity() -> None:
     assert torch.equal(r.perm, torch.argsort(sens, descending=True, stable=True))
 
 
-def test_grouped_problem_is_solved_in_one_batched_call_like_separate_calls() -> None:
-    problems = [correlated_problem(d_row=4, d_col=9, seed=s) for s in range(5)]
+def naive_dynamic_order(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+    """``sensi_dyn`` written literally in float64: every ``reorder_block`` columns, rank the remaining columns
+    by (current rounding error + scale^2/12) / [H_R^-1]_jj with H_R^-1 re-inverted over the remaining set R,
+    then quantize the chosen ones one at a time with the textbook OBS update, re-inverting at every step."""
+    w, h, scale, zero = w.double().clone(), h.double(), scale.double(), zero.double()
+    remaining, order = list(range(w.shape[1])), []
+    while remaining:
+        hinv = torch.linalg.inv(h[remaining][:, remaining])
+        cur = w[:, remaining]
+        score = ((fake_quantize(cur, scale, zero, maxq) - cur) ** 2 + scale**2 / 12).sum(0) / hinv.diagonal()
+        ranked = torch.argsort(score, descending=True, stable=True)[: reorder_block(w.shape[1])]
+        for j in [remaining[k] for k in ranked.tolist()]:
+            hinv = torch.linalg.inv(h[remaining][:, remaining])
+            k = remaining.index(j)
+            q = fake_quantize(w[:, j], scale[:, 0], zero[:, 0], maxq)
+            err = (w[:, j] - q) / hinv[k, k]
+            w[:, remaining] -= err[:, None] * hinv[k][None, :]
+            w[:, j] = q
+            remaining.remove(j)
+            order.append(j)
+    return w, order
+
+
+def test_dynamic_sensitivity_order_equals_literal_reference() -> None:
+    """The Schur-complement blocks of sensi_dyn equal re-inverting H over the remaining columns."""
+    w, h = correlated_problem(d_row=8, d_col=100)
+    config = QuantConfig(bits=3, method="fastobq", block_size=16)
+    assert config.order == "sensi_dyn" and reorder_block(100) < 100  # several rankings happen
+    result = quantize_layer(w, h, config)
+    grid = find_grid(w, 3)
+    hd = damp_hessian(h.unsqueeze(0), config.damp, config.damp_mode)[0]
+    expected, order = naive_dynamic_order(w, hd, grid.scale, grid.zero, 7)
+    assert result.perm.tolist() == order
+    assert torch.allclose(result.weight.double(), expected, atol=1e-5)
+
+
+def test_static_orders_reject_the_dynamic_one() -> None:
+    w, h = correlated_problem(d_row=4, d_col=8)
+    with pytest.raises(ValueError, match="sensi_dyn"):
+        solvers.column_order("sensi_dyn", w[None], h[None], h[None], torch.ones(1, 4, 1), torch.zeros(1, 4, 1), 7)
+
+
+@pytest.mark.parametrize("order", ["sensi_dyn", "sensi_des", "none"])
+def test_numpy_column_loop_equals_torch_loop(order: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small CPU blocks run the column loop on numpy views; the float32 operations are the same."""
+    w, h = correlated_problem(d_row=6, d_col=70)
+    config = QuantConfig(bits=3, method="fastobq", order=order, block_size=16)
+    fast = quantize_layer(w, h, config)
+    monkeypatch.setattr(solvers, "NUMPY_MAX_ROWS", 0)
+    assert torch.equal(quantize_layer(w, h, config).weight, fast.weight)
+
+
+@pytest.mark.parametrize("d_col", [9, 70])
+def test_grouped_problem_is_solved_in_one_batched_call_like_separate_calls(d_col: int) -> None:
+    problems = [correlated_problem(d_row=4, d_col=d_col, seed=s) for s in range(5)]
     w = torch.stack([p[0] for p in problems])
     h = torch.stack([p[1] for p in problems])
     batched = quantize_layer(w, h, QuantConfig(bits=3))

@@ -115,33 +115,35 @@ def reorder_block(d_col: int) -> int:
 def _quantize_block(
     w1: torch.Tensor, u1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequential core of GPTQ/FastOBQ on one block of columns ``w1 [G, r, b]`` (updated in place).
+    """The sequential core of GPTQ/FastOBQ on one block of columns ``w1 [G, r, b]``.
 
     Column ``i`` of all rows is rounded, and its error, scaled by ``1 / u1_ii``, is spread over the block's
     later columns with row ``i`` of the upper Cholesky factor ``u1 [G, b, b]``. Returns the codes and the
-    scaled errors ``[G, r, b]``. On small CPU blocks the loop runs on numpy views of the same memory: per
-    call numpy costs ~3x less than torch on vectors of a few dozen values, and the loop is pure call
-    overhead there (the float32 operations are the same IEEE ones, so the results are identical).
+    scaled errors ``[G, r, b]``. The loop works on a transposed copy (each column contiguous), and on small
+    CPU blocks on numpy views of it: per call numpy costs ~3x less than torch on vectors of a few dozen
+    values, and the loop is pure call overhead there (the float32 operations are the same IEEE ones, so
+    the results are identical).
     """
-    codes = torch.zeros_like(w1)
-    err = torch.zeros_like(w1)
-    diag = u1.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)  # [G, 1, b]
-    arrays = (w1, u1, diag, scale, zero, codes, err)
-    if w1.device.type == "cpu" and w1.shape[0] * w1.shape[1] <= NUMPY_MAX_ROWS:
+    wt = w1.transpose(-2, -1).contiguous()  # [G, b, r]
+    codes, err = torch.empty_like(wt), torch.empty_like(wt)
+    diag = u1.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [G, b, 1]
+    scale, zero = scale.transpose(-2, -1), zero.transpose(-2, -1)  # [G, 1 or b, r]
+    arrays = (wt, u1.unsqueeze(-1), diag, scale, zero, codes, err)
+    if w1.device.type == "cpu" and wt.shape[0] * wt.shape[2] <= NUMPY_MAX_ROWS:
         arrays = tuple(t.numpy() for t in arrays)
-    w1_, u1_, diag_, scale_, zero_, codes_, err_ = arrays
-    per_column = scale.shape[-1] != 1
-    s, z = scale_[..., 0], zero_[..., 0]
-    for i in range(w1.shape[-1]):
+    wt_, u1_, diag_, scale_, zero_, codes_, err_ = arrays
+    per_column = scale.shape[-2] != 1
+    s, z = scale_[:, 0], zero_[:, 0]
+    for i in range(wt.shape[1]):
         if per_column:
-            s, z = scale_[..., i], zero_[..., i]
-        col = w1_[..., i]
+            s, z = scale_[:, i], zero_[:, i]
+        col = wt_[:, i]
         q = quantize_codes(col, s, z, maxq)
-        codes_[..., i] = q
-        e = (col - dequantize_codes(q, s, z)) / diag_[..., i]
-        err_[..., i] = e
-        w1_[..., i:] -= e[..., None] * u1_[:, None, i, i:]
-    return codes, err
+        codes_[:, i] = q
+        e = (col - dequantize_codes(q, s, z)) / diag_[:, i]
+        err_[:, i] = e
+        wt_[:, i:] -= u1_[:, i, i:] * e[:, None]
+    return codes.transpose(-2, -1), err.transpose(-2, -1)
 
 
 NUMPY_MAX_ROWS = 512

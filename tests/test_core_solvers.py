@@ -217,10 +217,12 @@ def test_static_orders_reject_the_dynamic_one() -> None:
 
 
 @pytest.mark.parametrize("order", ["sensi_dyn", "sensi_des", "none"])
-def test_numpy_column_loop_equals_torch_loop(order: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_numpy_column_loop_equals_torch_loop(order: str, granularity: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small CPU blocks run the column loop on numpy views; the float32 operations are the same."""
-    w, h = correlated_problem(d_row=6, d_col=70)
-    config = QuantConfig(bits=3, method="fastobq", order=order, block_size=16)
+    w, h = correlated_problem(d_row=40, d_col=70)
+    config = QuantConfig(bits=3, method="fastobq", order=order, block_size=16, granularity=granularity,
+                         group_size=24)
     fast = quantize_layer(w, h, config)
     monkeypatch.setattr(solvers, "NUMPY_MAX_ROWS", 0)
     assert torch.equal(quantize_layer(w, h, config).weight, fast.weight)

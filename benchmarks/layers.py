@@ -54,6 +54,7 @@ from lightning_obq.solvers import inverse_hessian, obq_row_batch  # noqa: E402
 
 METHODS = {  # label -> config changes
     "fastobq": {"method": "fastobq"},
+    "fastobq-des": {"method": "fastobq", "order": "sensi_des"},  # the paper's static order, for comparison
     "gptq": {"method": "gptq", "order": "none"},
     "gptq-act": {"method": "gptq", "order": "act"},
     "rtn": {"method": "rtn"},
@@ -219,8 +220,9 @@ def obq_flops(d_row: int, d_col: int) -> float:
 
 
 def fastobq_flops(d_row: int, d_col: int) -> float:
-    """FastOBQ's leading cost: Cholesky + ``H^-1`` (~7/3 d^3), Cholesky of the permuted inverse (d^3/3)
-    and the shared column updates (``2 d_row d_col^2``)."""
+    """FastOBQ's leading cost: Cholesky + ``H^-1`` (~7/3 d^3), the factor of the permuted inverse (d^3/3;
+    ``sensi_dyn``'s three Schur complements cost about the same) and the shared column updates
+    (``2 d_row d_col^2``)."""
     return 8 / 3 * d_col**3 + 2.0 * d_row * d_col**2
 
 
@@ -238,7 +240,7 @@ def summarize(benches: list[LayerBench], args: argparse.Namespace, images_note: 
         ])
         e, eo = b.error, b.error_obq_rows
         error_rows.append([
-            label, e["fastobq"], e["gptq"], e["gptq-act"], e["rtn"],
+            label, e["fastobq"], e["fastobq-des"], e["gptq"], e["gptq-act"], e["rtn"],
             fmt(e["obq"]) if "obq" in e else f"(rows) {fmt(eo['obq'])}",
             eo["fastobq"] / eo["obq"], eo["gptq"] / eo["obq"], eo["gptq-act"] / eo["obq"], eo["rtn"] / eo["obq"],
             b.plain_greedy_ratio,
@@ -255,6 +257,7 @@ def summarize(benches: list[LayerBench], args: argparse.Namespace, images_note: 
         act_ratios.append(err_act)
         target_rows.append([
             label, fmt(speedup) + star + ("" if big else " (d_col<576)"), t_ratio, err_nat, err_act,
+            e["fastobq-des"] / e["gptq"],
         ])
     tot = {k: sum(b.seconds[k] for b in benches) for k in ("fastobq", "gptq", "gptq-act", "rtn", "obq")}
     mean_act = sum(act_ratios) / len(act_ratios)
@@ -294,7 +297,8 @@ def summarize(benches: list[LayerBench], args: argparse.Namespace, images_note: 
         f"Calibration: {images_note}; Hessians captured with `HessianAccumulator` forward hooks in batches of "
         f"{args.batch} ({fmt(capture_s)} s for all captured layers).",
         f"Quantization: W{args.bits}, per-channel asymmetric grid with MSE range search, damp 0.1 (absolute) "
-        f"- the `QuantConfig` defaults; fastobq uses its default order `{DEFAULT_ORDER['fastobq']}`.",
+        f"- the `QuantConfig` defaults; fastobq uses its default order `{DEFAULT_ORDER['fastobq']}`; the "
+        "`fastobq sensi_des` columns use the paper's static order.",
         "Seconds are `LayerResult.seconds` of one `quantize_layer` call (grid search, solver and the error "
         f"evaluation, which are common to all methods), best of {args.repeats} for fastobq/gptq/rtn, one run "
         "for obq. Peak memory is the peak RSS increment of the call over the RSS before it (MB).",
@@ -317,11 +321,11 @@ def summarize(benches: list[LayerBench], args: argparse.Namespace, images_note: 
             ["layer", "d_row x d_col", "fastobq s", "gptq s", "gptq-act s", "rtn s", "obq s",
              "fastobq MB", "gptq MB", "obq MB", "obq rows"], timing_rows)),
         ("Layer error per method (tr((W-Q) H (W-Q)^T), undamped H)", markdown_table(
-            ["layer", "fastobq", "gptq", "gptq-act", "rtn", "obq", "fastobq/obq", "gptq/obq", "gptq-act/obq",
-             "rtn/obq", "plain greedy/obq"], error_rows, digits=4)),
+            ["layer", "fastobq", "fastobq sensi_des", "gptq", "gptq-act", "rtn", "obq", "fastobq/obq", "gptq/obq",
+             "gptq-act/obq", "rtn/obq", "plain greedy/obq"], error_rows, digits=4)),
         ("Speed and error ratios", markdown_table(
             ["layer", "obq s / fastobq s", "fastobq s / gptq s", "fastobq err / gptq err",
-             "fastobq err / gptq-act err"], target_rows, digits=4)),
+             "fastobq err / gptq-act err", "sensi_des err / gptq err"], target_rows, digits=4)),
     ]
     path = write_markdown(args.out, "Per-layer benchmark: resnet18 layer shapes", command_line(), sections)
     print(f"wrote {path}")

@@ -51,7 +51,9 @@ class QuantConfig:
         method: ``"fastobq"`` (sensitivity-ordered column-parallel OBQ), ``"gptq"``, ``"obq"``
             (exact greedy per weight, slow) or ``"rtn"`` (round to nearest).
         order: column order for ``fastobq``/``gptq``. ``None`` picks the method's default
-            (``sensi_des`` for fastobq, natural ``none`` for gptq); gptq accepts ``none`` and ``act``.
+            (``sensi_dyn`` for fastobq: the paper's sensitivity order, re-ranked as quantization updates
+            the weights and ``H^-1``; natural ``none`` for gptq). ``sensi_des`` is the paper's one-off
+            sort; gptq accepts ``none`` and ``act``.
         symmetric: symmetric grid (zero point in the middle) instead of asymmetric min/max.
         granularity: one grid per output ``"channel"``, per ``"tensor"``, or per ``"group"`` of
             ``group_size`` input columns in each row.

@@ -14,6 +14,9 @@ import torch
 
 from .quantizer import dequantize_codes, fake_quantize, quantize_codes
 
+NUMPY_MAX_ROWS = 512
+"""Blocks with at most this many rows (groups x rows) run their column loop on numpy views (CPU)."""
+
 
 class HessianNotPositiveDefinite(RuntimeError):
     """The damped Hessian has no Cholesky factor."""
@@ -146,10 +149,6 @@ def _quantize_block(
     return codes.transpose(-2, -1), err.transpose(-2, -1)
 
 
-NUMPY_MAX_ROWS = 512
-"""Blocks with at most this many rows (groups x rows) run their column loop on numpy views (CPU)."""
-
-
 def _quantize_columns(
     w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +159,7 @@ def _quantize_columns(
     for i1 in range(0, w.shape[-1], block_size):
         i2 = min(i1 + block_size, w.shape[-1])
         cols = slice(i1, i2) if per_column else slice(None)
-        c, e = _quantize_block(w[..., i1:i2].clone(), u[:, i1:i2, i1:i2], scale[..., cols], zero[..., cols], maxq)
+        c, e = _quantize_block(w[..., i1:i2], u[:, i1:i2, i1:i2], scale[..., cols], zero[..., cols], maxq)
         codes[..., i1:i2], err[..., i1:i2] = c, e
         w[..., i2:] -= e @ u[:, i1:i2, i2:]
     return codes, err

@@ -149,7 +149,8 @@ def read_wandb_history(run_dir: Path, require: str = "obq/bits", timeout: float 
     """History rows of an offline W&B run, read from its ``.wandb`` transaction log.
 
     ``wandb.finish()`` can return before the wandb-core process has flushed the last records, so the file
-    is re-read until a row holds the ``require`` key (or ``timeout`` seconds pass).
+    is re-read until a row holds the ``require`` key (or ``timeout`` seconds pass); a record still being
+    written at the end of the file is left for the next read.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -184,6 +185,8 @@ def _wandb_history_once(run_dir: Path) -> list[dict[str, Any]]:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # the writer is still appending this record: read again later
+            break
         chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
         if kind in (2, 3):  # FIRST, MIDDLE
             pending += chunk

@@ -20,8 +20,9 @@ claim against OBQ must use its faster figure; all methods then run under the sam
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,27 @@ OBQ_REPEAT_SECONDS = 3.0
 """OBQ runs shorter than this are repeated (``repeats``) and the fastest kept."""
 
 
+def best_run(
+    call: Callable[[], LayerResult], repeats: int, min_seconds: float = 0.0, stop_above: float = math.inf
+) -> tuple[LayerResult, float]:
+    """Fastest of at least ``repeats`` calls, more until their seconds add up to ``min_seconds`` (at most
+    100 calls), fewer once a call takes ``stop_above`` seconds; with the largest peak-RSS increment (MB)
+    of a call over the RSS before it."""
+    best: LayerResult | None = None
+    peak, runs, spent = 0.0, 0, 0.0
+    while runs < repeats or (spent < min_seconds and runs < 100):
+        before = current_rss_mb()
+        r = call()
+        runs, spent = runs + 1, spent + r.seconds
+        peak = max(peak, r.peak_rss_mb - before)
+        if best is None or r.seconds < best.seconds:
+            best = r
+        if r.seconds >= stop_above:
+            break
+    assert best is not None
+    return best, peak
+
+
 def obq_estimate(
     w: torch.Tensor, h: torch.Tensor, base: QuantConfig, name: str, max_rows: int = 0,
     rtn_seconds: float | None = None, repeats: int = 1,
@@ -138,16 +160,9 @@ def obq_estimate(
     k = min(d_row, obq_row_batch(d_col, base.obq_memory_mb))
     if max_rows and d_col >= LARGE_D_COL:
         k = min(k, max_rows)
-    before = current_rss_mb()
-    r: LayerResult | None = None
-    for _ in range(repeats):
-        with obq_variant(outliers=True):
-            run = quantize_layer(w[:, :k], h, base.replace(method="obq"), name=name)
-        r = run if r is None or run.seconds < r.seconds else r
-        if run.seconds >= OBQ_REPEAT_SECONDS:
-            break
-    assert r is not None
-    peak = r.peak_rss_mb - before
+    with obq_variant(outliers=True):
+        r, peak = best_run(lambda: quantize_layer(w[:, :k], h, base.replace(method="obq"), name=name), repeats,
+                           stop_above=OBQ_REPEAT_SECONDS)
     if k == d_row:
         return OBQEstimate(r, k, r.seconds, peak, False)
     if rtn_seconds is None:
@@ -191,18 +206,8 @@ moved by +-20 % between identical runs here, more than the differences being mea
 
 def run_method(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, name: str, repeats: int) -> LayerResult:
     """Best `quantize_layer` call of at least ``repeats`` (more on fast layers, see `MIN_TIMED_SECONDS`);
-    the peak memory is the increment over the RSS before it."""
-    best: LayerResult | None = None
-    peak = 0.0
-    runs, spent = 0, 0.0
-    while runs < repeats or (spent < MIN_TIMED_SECONDS and runs < 100):
-        before = current_rss_mb()
-        r = quantize_layer(w, h, config, name=name)
-        runs, spent = runs + 1, spent + r.seconds
-        peak = max(peak, r.peak_rss_mb - before)
-        if best is None or r.seconds < best.seconds:
-            best = r
-    assert best is not None
+    its ``peak_rss_mb`` is the largest increment over the RSS before a call."""
+    best, peak = best_run(lambda: quantize_layer(w, h, config, name=name), repeats, min_seconds=MIN_TIMED_SECONDS)
     best.peak_rss_mb = peak
     return best
 

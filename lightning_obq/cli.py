@@ -78,9 +78,13 @@ class Job:
         return base.replace(method=self.method, bits=self.bits, order=self.order, budget=self.budget)
 
 
+REPORTED_ORDERS = {"fastobq": DEFAULT_ORDER["fastobq"], "gptq": "act"}
+"""Column order of each method in the demo and comparison tables (GPTQ's act order is its strongest)."""
+
+
 def default_jobs(bits: int, obq: bool = True) -> list[Job]:
     """The demo's table: FastOBQ (its default order), GPTQ (act order), RTN, and OBQ."""
-    jobs = [Job("fastobq", bits, DEFAULT_ORDER["fastobq"]), Job("gptq", bits, "act"), Job("rtn", bits)]
+    jobs = [Job(m, bits, REPORTED_ORDERS.get(m)) for m in ("fastobq", "gptq", "rtn")]
     return jobs + [Job("obq", bits)] if obq else jobs
 
 
@@ -91,12 +95,11 @@ def compare_jobs(methods: Sequence[str], bits: Sequence[int], budget: float | No
     mixed precision at that budget, next to its uniform run at the nearest whole width (added to the
     bit widths if missing), so uniform and mixed are compared at equal size.
     """
-    orders = {"fastobq": DEFAULT_ORDER["fastobq"], "gptq": "act"}
     if budget is not None:
         bits = sorted({*bits, min(8, max(2, round(budget)))})
-    jobs = [Job(m, b, orders.get(m)) for b in bits for m in methods]
+    jobs = [Job(m, b, REPORTED_ORDERS.get(m)) for b in bits for m in methods]
     if budget is not None:
-        jobs += [Job(m, min(8, max(2, round(budget))), orders.get(m), budget) for m in methods if m != "obq"]
+        jobs += [Job(m, min(8, max(2, round(budget))), REPORTED_ORDERS.get(m), budget) for m in methods if m != "obq"]
     return jobs
 
 

@@ -191,7 +191,7 @@ def solve_column_parallel(
     Returns ``(codes, perm)``: codes ``[G, d_row, d_col]`` in original column order and the order used.
     ``hessian_for_order`` (undamped H) feeds the ``act`` order; the damped ``h`` is used otherwise.
     """
-    w = w.float().clone()
+    w = w.float()  # every path below updates a copy: a column gather, or the clone for order "none"
     h = h.float()
     g, d_row, d_col = w.shape
     hinv = inverse_hessian(h)
@@ -206,19 +206,21 @@ def solve_column_parallel(
             w = w.gather(2, perm.unsqueeze(1).expand(g, d_row, d_col))
             scale, zero = _gather_columns(scale, perm), _gather_columns(zero, perm)
             hinv = _permute_square(hinv, perm)
+        else:
+            w = w.clone()
     codes = torch.empty_like(w)
     if dynamic:
-        expected = (scale.pow(2) / 12).expand(g, d_row, scale.shape[-1]).sum(1)  # [G, 1] or [G, d_col]
+        # Expected squared rounding error per column, [G, 1, 1] or [G, 1, d_col] like the grid's columns.
+        expected = (scale.pow(2) / 12).expand(g, d_row, scale.shape[-1]).sum(1, keepdim=True)
         remaining, chosen = perm, []
     done = 0
     while done < d_col:
         if dynamic:
             b = min(reorder_block(d_col), d_col - done)
-            score = dynamic_sensitivity(w, hinv.diagonal(dim1=-2, dim2=-1), scale, zero, maxq, expected)
+            score = dynamic_sensitivity(w, hinv.diagonal(dim1=-2, dim2=-1), scale, zero, maxq, expected[:, 0])
             local = torch.argsort(score, dim=-1, descending=True, stable=True)
             w = w.gather(2, local.unsqueeze(1).expand(g, d_row, -1))
-            scale, zero, expected = (_gather_columns(t, local) for t in (scale, zero, expected.unsqueeze(1)))
-            expected = expected.squeeze(1)
+            scale, zero, expected = (_gather_columns(t, local) for t in (scale, zero, expected))
             hinv = _permute_square(hinv, local)
             remaining = remaining.gather(1, local)
             chosen.append(remaining[:, :b])

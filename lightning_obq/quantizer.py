@@ -43,7 +43,7 @@ class Grid:
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as floats) of ``w`` on the grid (also on numpy arrays: the solvers' column loop)."""
+    """Integer codes (as floats) of ``w`` on the grid."""
     return ((w / scale).round() + zero).clip(0, maxq)
 
 

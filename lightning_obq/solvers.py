@@ -12,10 +12,11 @@ import math
 
 import torch
 
+from .column_kernel import quantize_block_kernel
 from .quantizer import dequantize_codes, fake_quantize, quantize_codes
 
-NUMPY_MAX_ROWS = 512
-"""Blocks with at most this many rows (groups x rows) run their column loop on numpy views (CPU)."""
+COMPILED_LOOP_DEVICES = ("cpu",)
+"""Device types whose column loop runs compiled (`quantize_block_kernel`); on others it runs as torch ops."""
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -122,30 +123,29 @@ def _quantize_block(
 
     Column ``i`` of all rows is rounded, and its error, scaled by ``1 / u1_ii``, is spread over the block's
     later columns with row ``i`` of the upper Cholesky factor ``u1 [G, b, b]``. Returns the codes and the
-    scaled errors ``[G, r, b]``. The loop works on a transposed copy (each column contiguous), and on small
-    CPU blocks on numpy views of it: per call numpy costs ~3x less than torch on vectors of a few dozen
-    values, and the loop is pure call overhead there (the float32 operations are the same IEEE ones, so
-    the results are identical).
+    scaled errors ``[G, r, b]``. The loop works on a transposed copy (each column contiguous). On the
+    devices in `COMPILED_LOOP_DEVICES` it runs compiled (`quantize_block_kernel`, bitwise the same float32
+    operations), elsewhere as torch operations.
     """
     wt = w1.transpose(-2, -1).contiguous()  # [G, b, r]
     codes, err = torch.empty_like(wt), torch.empty_like(wt)
-    diag = u1.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [G, b, 1]
-    scale, zero = scale.transpose(-2, -1), zero.transpose(-2, -1)  # [G, 1 or b, r]
-    arrays = (wt, u1.unsqueeze(-1), diag, scale, zero, codes, err)
-    if w1.device.type == "cpu" and wt.shape[0] * wt.shape[2] <= NUMPY_MAX_ROWS:
-        arrays = tuple(t.numpy() for t in arrays)
-    wt_, u1_, diag_, scale_, zero_, codes_, err_ = arrays
+    scale = scale.transpose(-2, -1).expand(wt.shape[0], -1, wt.shape[2])  # [G, 1 or b, r]
+    zero = zero.transpose(-2, -1).expand_as(scale)
+    if wt.device.type in COMPILED_LOOP_DEVICES:
+        arrays = (t.numpy() for t in (wt, u1, scale, zero))
+        quantize_block_kernel(*arrays, float(maxq), codes.numpy(), err.numpy())
+        return codes.transpose(-2, -1), err.transpose(-2, -1)
     per_column = scale.shape[-2] != 1
-    s, z = scale_[:, 0], zero_[:, 0]
+    s, z = scale[:, 0], zero[:, 0]
     for i in range(wt.shape[1]):
         if per_column:
-            s, z = scale_[:, i], zero_[:, i]
-        col = wt_[:, i]
+            s, z = scale[:, i], zero[:, i]
+        col = wt[:, i]
         q = quantize_codes(col, s, z, maxq)
-        codes_[:, i] = q
-        e = (col - dequantize_codes(q, s, z)) / diag_[:, i]
-        err_[:, i] = e
-        wt_[:, i:] -= u1_[:, i, i:] * e[:, None]
+        codes[:, i] = q
+        e = (col - dequantize_codes(q, s, z)) / u1[:, i, i, None]
+        err[:, i] = e
+        wt[:, i:] -= u1[:, i, i:, None] * e[:, None]
     return codes.transpose(-2, -1), err.transpose(-2, -1)
 
 
@@ -161,7 +161,8 @@ def _quantize_columns(
         cols = slice(i1, i2) if per_column else slice(None)
         c, e = _quantize_block(w[..., i1:i2], u[:, i1:i2, i1:i2], scale[..., cols], zero[..., cols], maxq)
         codes[..., i1:i2], err[..., i1:i2] = c, e
-        w[..., i2:] -= e @ u[:, i1:i2, i2:]
+        if i2 < w.shape[-1]:
+            w[..., i2:] -= e @ u[:, i1:i2, i2:]
     return codes, err
 
 

@@ -217,15 +217,18 @@ def test_static_orders_reject_the_dynamic_one() -> None:
 
 
 @pytest.mark.parametrize("order", ["sensi_dyn", "sensi_des", "none"])
-@pytest.mark.parametrize("granularity", ["channel", "group"])
-def test_numpy_column_loop_equals_torch_loop(order: str, granularity: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small CPU blocks run the column loop on numpy views; the float32 operations are the same."""
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_compiled_column_loop_equals_torch_loop(order: str, granularity: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the column loop runs compiled; its float32 operations are the torch loop's, bit for bit."""
     w, h = correlated_problem(d_row=40, d_col=70)
+    w = torch.stack([w, w.flip(0)])  # two groups, as for a grouped conv
+    h = torch.stack([h, h.flip(0, 1)])
     config = QuantConfig(bits=3, method="fastobq", order=order, block_size=16, granularity=granularity,
                          group_size=24)
-    fast = quantize_layer(w, h, config)
-    monkeypatch.setattr(solvers, "NUMPY_MAX_ROWS", 0)
-    assert torch.equal(quantize_layer(w, h, config).weight, fast.weight)
+    compiled = quantize_layer(w, h, config)
+    monkeypatch.setattr(solvers, "COMPILED_LOOP_DEVICES", ())
+    torch_loop = quantize_layer(w, h, config)
+    assert torch.equal(torch_loop.codes, compiled.codes) and torch.equal(torch_loop.perm, compiled.perm)
 
 
 @pytest.mark.parametrize("d_col", [9, 70])

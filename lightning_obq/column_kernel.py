@@ -2,10 +2,10 @@
 
 The loop rounds one column of a block, then spreads its error over the block's later columns. On a layer
 with a few hundred rows each step is a handful of operations on vectors of a few hundred values, so an
-interpreted loop (torch or numpy) runs at call-overhead speed, 6-17 µs per column. Compiled with numba it
-takes well under 1 µs per column at 64 rows. The kernel does the same float32 operations in the same order
-as the torch loop in `solvers` (round half to even, no fused multiply-add), so the codes are bitwise equal;
-a test holds both loops to that.
+interpreted loop (torch or numpy) runs at call-overhead speed, 6-17 µs per column; compiled with numba it
+takes well under 1 µs per column. The kernel does the same float32 operations in the same order as the
+torch loop in `solvers` (round half to even, no fused multiply-add), so the codes are bitwise equal; a
+test holds both loops to that.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ def quantize_block_kernel(
 
     ``u [G, b, b]`` is the block of the upper Cholesky factor of ``H^-1``; ``scale``/``zero`` are
     ``[G, 1 or b, r]`` (one grid for the block, or one per column). Writes the codes and the errors scaled
-    by ``1 / u_ii`` into ``codes``/``err`` (``[G, b, r]``, C-contiguous like ``wt``); ``wt``'s later columns
-    take the updates in place.
+    by ``1 / u_ii`` into ``codes``/``err`` (``[G, b, r]``); ``wt``'s later columns take the updates in place.
     """
     groups, b, rows = wt.shape
     per_column = scale.shape[1] != 1
@@ -38,7 +37,7 @@ def quantize_block_kernel(
                 x = wt[k, i, j]
                 s = scale[k, c, j]
                 z = zero[k, c, j]
-                q = min(max(np.float32(np.rint(x / s)) + z, low), top)
+                q = min(max(np.float32(np.rint(x / s)) + z, low), top)  # quantizer.quantize_codes
                 codes[k, i, j] = q
                 err[k, i, j] = (x - s * (q - z)) / d
             for m in range(i + 1, b):

@@ -15,7 +15,7 @@ import torch
 from .column_kernel import quantize_block_kernel
 from .quantizer import dequantize_codes, fake_quantize, quantize_codes
 
-COMPILED_LOOP_DEVICES = ("cpu",)
+COMPILED_DEVICES = ("cpu",)
 """Device types whose column loop runs compiled (`quantize_block_kernel`); on others it runs as torch ops."""
 
 
@@ -24,10 +24,10 @@ class HessianNotPositiveDefinite(RuntimeError):
 
 
 def _cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(h, upper=upper)
-    if bool((info != 0).any()):
-        raise HessianNotPositiveDefinite("Cholesky factorisation failed")
-    return factor
+    try:
+        return torch.linalg.cholesky(h, upper=upper)
+    except torch.linalg.LinAlgError as exc:
+        raise HessianNotPositiveDefinite("Cholesky factorisation failed") from exc
 
 
 def inverse_hessian(h: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,11 @@ def inverse_hessian(h: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
     hinv = torch.cholesky_solve(eye, factor)
     return hinv.add_(hinv.transpose(-2, -1).clone()).mul_(0.5)
+
+
+def squared_rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``(q(w) - w)^2`` per weight of ``w [G, r, n]``: the rounding residual the column orders score."""
+    return torch.sub(fake_quantize(w, scale, zero, maxq), w).square_()
 
 
 def column_order(
@@ -69,7 +74,7 @@ def column_order(
     elif key == "w":
         score = w.pow(2).sum(1)
     else:
-        err = (fake_quantize(w, scale, zero, maxq) - w).pow(2)
+        err = squared_rounding_error(w, scale, zero, maxq)
         if key == "sensi":
             err = err / (2 * hinv.diagonal(dim1=-2, dim2=-1).unsqueeze(1))
         score = err.sum(1)
@@ -103,8 +108,7 @@ def dynamic_sensitivity(
     current one: the updates of earlier columns still move each weight before it is rounded, so its
     residual now is only part of what rounding it will cost.
     """
-    residual = torch.sub(fake_quantize(w, scale, zero, maxq), w).square_().sum(1)
-    return residual.add_(expected).div_(hinv_diag)
+    return squared_rounding_error(w, scale, zero, maxq).sum(1).add_(expected).div_(hinv_diag)
 
 
 def reorder_block(d_col: int) -> int:
@@ -117,24 +121,21 @@ def reorder_block(d_col: int) -> int:
 
 
 def _quantize_block(
-    w1: torch.Tensor, u1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequential core of GPTQ/FastOBQ on one block of columns ``w1 [G, r, b]``.
+    wt: torch.Tensor, u1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+    codes: torch.Tensor, err: torch.Tensor,
+) -> None:
+    """The sequential core of GPTQ/FastOBQ on one block of columns, transposed: ``wt [G, b, r]``.
 
     Column ``i`` of all rows is rounded, and its error, scaled by ``1 / u1_ii``, is spread over the block's
-    later columns with row ``i`` of the upper Cholesky factor ``u1 [G, b, b]``. Returns the codes and the
-    scaled errors ``[G, r, b]``. The loop works on a transposed copy (each column contiguous). On the
-    devices in `COMPILED_LOOP_DEVICES` it runs compiled (`quantize_block_kernel`, bitwise the same float32
-    operations), elsewhere as torch operations.
+    later columns with row ``i`` of the upper Cholesky factor ``u1 [G, b, b]``. Writes the codes and the
+    scaled errors into ``codes``/``err`` (``[G, b, r]``); ``scale``/``zero`` are ``[G, 1 or b, r]``. On
+    the devices in `COMPILED_DEVICES` the loop runs compiled (`quantize_block_kernel`, bitwise the same
+    float32 operations), elsewhere as torch operations.
     """
-    wt = w1.transpose(-2, -1).contiguous()  # [G, b, r]
-    codes, err = torch.empty_like(wt), torch.empty_like(wt)
-    scale = scale.transpose(-2, -1).expand(wt.shape[0], -1, wt.shape[2])  # [G, 1 or b, r]
-    zero = zero.transpose(-2, -1).expand_as(scale)
-    if wt.device.type in COMPILED_LOOP_DEVICES:
+    if wt.device.type in COMPILED_DEVICES:
         arrays = (t.numpy() for t in (wt, u1, scale, zero))
         quantize_block_kernel(*arrays, float(maxq), codes.numpy(), err.numpy())
-        return codes.transpose(-2, -1), err.transpose(-2, -1)
+        return
     per_column = scale.shape[-2] != 1
     s, z = scale[:, 0], zero[:, 0]
     for i in range(wt.shape[1]):
@@ -146,24 +147,31 @@ def _quantize_block(
         e = (col - dequantize_codes(q, s, z)) / u1[:, i, i, None]
         err[:, i] = e
         wt[:, i:] -= u1[:, i, i:, None] * e[:, None]
-    return codes.transpose(-2, -1), err.transpose(-2, -1)
 
 
 def _quantize_columns(
     w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_block` over ``w [G, r, b]`` in lazy blocks: within a block each column updates the
-    block's later columns; the columns after the block get the whole block's errors in one product."""
-    codes, err = torch.empty_like(w), torch.empty_like(w)
-    per_column = scale.shape[-1] != 1
-    for i1 in range(0, w.shape[-1], block_size):
-        i2 = min(i1 + block_size, w.shape[-1])
+    """`_quantize_block` over ``w [G, r, n]`` in lazy blocks: within a block each column updates the
+    block's later columns; the columns after the block get the whole block's errors in one product.
+
+    Returns the codes and the scaled errors ``[G, r, n]`` (as transposed views). The loop reads each block
+    as a transposed copy, so every column is contiguous.
+    """
+    g, r, n = w.shape
+    codes = torch.empty(g, n, r, dtype=w.dtype, device=w.device)
+    err = torch.empty_like(codes)
+    scale = scale.transpose(-2, -1).expand(g, -1, r)  # [G, 1 or n, r]
+    zero = zero.transpose(-2, -1).expand_as(scale)
+    per_column = scale.shape[-2] != 1
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
         cols = slice(i1, i2) if per_column else slice(None)
-        c, e = _quantize_block(w[..., i1:i2], u[:, i1:i2, i1:i2], scale[..., cols], zero[..., cols], maxq)
-        codes[..., i1:i2], err[..., i1:i2] = c, e
-        if i2 < w.shape[-1]:
-            w[..., i2:] -= e @ u[:, i1:i2, i2:]
-    return codes, err
+        wt = w[..., i1:i2].transpose(-2, -1).contiguous()
+        _quantize_block(wt, u[:, i1:i2, i1:i2], scale[:, cols], zero[:, cols], maxq, codes[:, i1:i2], err[:, i1:i2])
+        if i2 < n:
+            w[..., i2:] -= err[:, i1:i2].transpose(-2, -1) @ u[:, i1:i2, i2:]
+    return codes.transpose(-2, -1), err.transpose(-2, -1)
 
 
 def solve_column_parallel(
@@ -227,9 +235,10 @@ def solve_column_parallel(
             chosen.append(remaining[:, :b])
             remaining = remaining[:, b:]
             # Rows of the upper factor for the block, then H^-1 of the columns left (Schur complement).
-            u_block = _cholesky(hinv[:, :b, :b], upper=True)
-            u_rest = torch.linalg.solve_triangular(u_block.transpose(-2, -1), hinv[:, :b, b:], upper=False)
-            hinv = torch.baddbmm(hinv[:, b:, b:], u_rest.transpose(-2, -1), u_rest, alpha=-1)
+            u_block, u_rest = _cholesky(hinv[:, :b, :b], upper=True), None
+            if b < hinv.shape[-1]:
+                u_rest = torch.linalg.solve_triangular(u_block.transpose(-2, -1), hinv[:, :b, b:], upper=False)
+                hinv = torch.baddbmm(hinv[:, b:, b:], u_rest.transpose(-2, -1), u_rest, alpha=-1)
         else:
             b = d_col
             # Upper factor U of the permuted H^-1: row i of U holds the update of step i for columns >= i.

@@ -226,7 +226,7 @@ def test_compiled_column_loop_equals_torch_loop(order: str, granularity: str, mo
     config = QuantConfig(bits=3, method="fastobq", order=order, block_size=16, granularity=granularity,
                          group_size=24)
     compiled = quantize_layer(w, h, config)
-    monkeypatch.setattr(solvers, "COMPILED_LOOP_DEVICES", ())
+    monkeypatch.setattr(solvers, "COMPILED_DEVICES", ())
     torch_loop = quantize_layer(w, h, config)
     assert torch.equal(torch_loop.codes, compiled.codes) and torch.equal(torch_loop.perm, compiled.perm)
 

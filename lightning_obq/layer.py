@@ -90,7 +90,9 @@ def quantize_layer(
         raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
     if not torch.isfinite(h).all():
         raise ValueError(f"layer {name!r}: Hessian contains NaN or Inf")
-    with measure(w.device) as m:
+    # Inference mode: no autograd bookkeeping on the solvers' many small tensor ops (about 10 % of a small
+    # layer's solve); the tensors kept in the result are cloned out of it below.
+    with measure(w.device) as m, torch.inference_mode():
         w = w.detach().float()
         h = h.detach().float()
         h_true = h  # undamped, dead diagonal 0: what the layer really loses is measured with it
@@ -136,13 +138,13 @@ def quantize_layer(
         rtn_error = layer_error(w, rtn, h_true)
     shape = weight.shape
     return LayerResult(
-        weight=q.reshape(shape).to(weight.dtype),
+        weight=q.reshape(shape).to(weight.dtype, copy=True),
         codes=codes.to(torch.uint8).reshape(shape),
-        scale=grid.scale.reshape(*shape[:-1], -1) if weight.dim() == 3 else grid.scale[0],
-        zero=grid.zero.reshape(*shape[:-1], -1) if weight.dim() == 3 else grid.zero[0],
+        scale=(grid.scale.reshape(*shape[:-1], -1) if weight.dim() == 3 else grid.scale[0]).clone(),
+        zero=(grid.zero.reshape(*shape[:-1], -1) if weight.dim() == 3 else grid.zero[0]).clone(),
         bits=config.bits,
         group_size=grid.group_size,
-        perm=None if perm is None else (perm if weight.dim() == 3 else perm[0]),
+        perm=None if perm is None else (perm if weight.dim() == 3 else perm[0]).clone(),
         error=error,
         damped_error=damped_error,
         rtn_error=rtn_error,

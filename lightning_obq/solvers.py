@@ -12,11 +12,11 @@ import math
 
 import torch
 
-from .column_kernel import quantize_block_kernel
+from .kernels import order_columns_kernel, quantize_block_kernel
 from .quantizer import dequantize_codes, fake_quantize, quantize_codes
 
 COMPILED_DEVICES = ("cpu",)
-"""Device types whose column loop runs compiled (`quantize_block_kernel`); on others it runs as torch ops."""
+"""Device types whose column loop and column re-ordering run as the compiled `kernels`; others use torch ops."""
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -95,6 +95,21 @@ def _permute_square(m: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     n = m.shape[-1]
     rows = m.gather(1, perm.unsqueeze(-1).expand(-1, n, n))
     return rows.gather(2, perm.unsqueeze(1).expand(-1, n, n))
+
+
+def _order_columns(
+    score: torch.Tensor, w: torch.Tensor, hinv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The columns sorted by ``score [G, n]`` (highest first, stable), with ``w``'s columns and ``H^-1``'s
+    rows and columns in that order; compiled (`order_columns_kernel`) on `COMPILED_DEVICES`."""
+    if w.device.type in COMPILED_DEVICES:
+        order = torch.empty(score.shape, dtype=torch.int64)
+        w_out, hinv_out = torch.empty_like(w), torch.empty_like(hinv)
+        arrays = (t.numpy() for t in (score, w, hinv, order, w_out, hinv_out))
+        order_columns_kernel(*arrays)
+        return order, w_out, hinv_out
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    return order, w.gather(2, order.unsqueeze(1).expand_as(w)), _permute_square(hinv, order)
 
 
 def dynamic_sensitivity(
@@ -227,10 +242,8 @@ def solve_column_parallel(
         if dynamic:
             b = min(reorder_block(d_col), d_col - done)
             score = dynamic_sensitivity(w, hinv.diagonal(dim1=-2, dim2=-1), scale, zero, maxq, expected[:, 0])
-            local = torch.argsort(score, dim=-1, descending=True, stable=True)
-            w = w.gather(2, local.unsqueeze(1).expand(g, d_row, -1))
+            local, w, hinv = _order_columns(score, w, hinv)
             scale, zero, expected = (_gather_columns(t, local) for t in (scale, zero, expected))
-            hinv = _permute_square(hinv, local)
             remaining = remaining.gather(1, local)
             chosen.append(remaining[:, :b])
             remaining = remaining[:, b:]

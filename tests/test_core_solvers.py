@@ -218,8 +218,8 @@ def test_static_orders_reject_the_dynamic_one() -> None:
 
 @pytest.mark.parametrize("order", ["sensi_dyn", "sensi_des", "none"])
 @pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
-def test_compiled_column_loop_equals_torch_loop(order: str, granularity: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the CPU the column loop runs compiled; its float32 operations are the torch loop's, bit for bit."""
+def test_compiled_kernels_equal_torch_path(order: str, granularity: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the column loop and sensi_dyn's re-ordering run compiled: bit for bit the torch path's."""
     w, h = correlated_problem(d_row=40, d_col=70)
     w = torch.stack([w, w.flip(0)])  # two groups, as for a grouped conv
     h = torch.stack([h, h.flip(0, 1)])
@@ -227,8 +227,8 @@ def test_compiled_column_loop_equals_torch_loop(order: str, granularity: str, mo
                          group_size=24)
     compiled = quantize_layer(w, h, config)
     monkeypatch.setattr(solvers, "COMPILED_DEVICES", ())
-    torch_loop = quantize_layer(w, h, config)
-    assert torch.equal(torch_loop.codes, compiled.codes) and torch.equal(torch_loop.perm, compiled.perm)
+    torch_path = quantize_layer(w, h, config)
+    assert torch.equal(torch_path.codes, compiled.codes) and torch.equal(torch_path.perm, compiled.perm)
 
 
 @pytest.mark.parametrize("d_col", [9, 70])

@@ -104,7 +104,7 @@ def _order_columns(
     rows and columns in that order; compiled (`order_columns_kernel`) on `COMPILED_DEVICES`."""
     if w.device.type in COMPILED_DEVICES:
         order = torch.empty(score.shape, dtype=torch.int64)
-        w_out, hinv_out = torch.empty_like(w), torch.empty_like(hinv)
+        w_out, hinv_out = torch.empty(w.shape), torch.empty(hinv.shape)  # C-contiguous float32
         arrays = (t.numpy() for t in (score, w, hinv, order, w_out, hinv_out))
         order_columns_kernel(*arrays)
         return order, w_out, hinv_out
@@ -136,32 +136,34 @@ def reorder_block(d_col: int) -> int:
 
 
 def _quantize_block(
-    wt: torch.Tensor, u1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-    codes: torch.Tensor, err: torch.Tensor,
+    wt: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+    codes: torch.Tensor, err: torch.Tensor, start: int,
 ) -> None:
-    """The sequential core of GPTQ/FastOBQ on one block of columns, transposed: ``wt [G, b, r]``.
+    """The sequential core of GPTQ/FastOBQ on the block of columns ``start .. start + b``, transposed:
+    ``wt [G, b, r]``.
 
-    Column ``i`` of all rows is rounded, and its error, scaled by ``1 / u1_ii``, is spread over the block's
-    later columns with row ``i`` of the upper Cholesky factor ``u1 [G, b, b]``. Writes the codes and the
-    scaled errors into ``codes``/``err`` (``[G, b, r]``); ``scale``/``zero`` are ``[G, 1 or b, r]``. On
-    the devices in `COMPILED_DEVICES` the loop runs compiled (`quantize_block_kernel`, bitwise the same
-    float32 operations), elsewhere as torch operations.
+    Column ``i`` of all rows is rounded, and its error, scaled by ``1 / u_ii``, is spread over the block's
+    later columns with row ``i`` of the upper Cholesky factor ``u [G, n, n]``. Writes the codes and the
+    scaled errors into the block's rows of ``codes``/``err`` (``[G, n, r]``); ``scale``/``zero`` are
+    ``[G, 1 or n, r]``. On the devices in `COMPILED_DEVICES` the loop runs compiled
+    (`quantize_block_kernel`, bitwise the same float32 operations), elsewhere as torch operations.
     """
     if wt.device.type in COMPILED_DEVICES:
-        arrays = (t.numpy() for t in (wt, u1, scale, zero))
-        quantize_block_kernel(*arrays, float(maxq), codes.numpy(), err.numpy())
+        arrays = (t.numpy() for t in (wt, u, scale, zero))
+        quantize_block_kernel(*arrays, float(maxq), codes.numpy(), err.numpy(), start)
         return
     per_column = scale.shape[-2] != 1
     s, z = scale[:, 0], zero[:, 0]
     for i in range(wt.shape[1]):
+        col = start + i
         if per_column:
-            s, z = scale[:, i], zero[:, i]
-        col = wt[:, i]
-        q = quantize_codes(col, s, z, maxq)
-        codes[:, i] = q
-        e = (col - dequantize_codes(q, s, z)) / u1[:, i, i, None]
-        err[:, i] = e
-        wt[:, i:] -= u1[:, i, i:, None] * e[:, None]
+            s, z = scale[:, col], zero[:, col]
+        x = wt[:, i]
+        q = quantize_codes(x, s, z, maxq)
+        codes[:, col] = q
+        e = (x - dequantize_codes(q, s, z)) / u[:, col, col, None]
+        err[:, col] = e
+        wt[:, i:] -= u[:, col, col : start + wt.shape[1], None] * e[:, None]
 
 
 def _quantize_columns(
@@ -178,12 +180,10 @@ def _quantize_columns(
     err = torch.empty_like(codes)
     scale = scale.transpose(-2, -1).expand(g, -1, r)  # [G, 1 or n, r]
     zero = zero.transpose(-2, -1).expand_as(scale)
-    per_column = scale.shape[-2] != 1
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        cols = slice(i1, i2) if per_column else slice(None)
         wt = w[..., i1:i2].transpose(-2, -1).contiguous()
-        _quantize_block(wt, u[:, i1:i2, i1:i2], scale[:, cols], zero[:, cols], maxq, codes[:, i1:i2], err[:, i1:i2])
+        _quantize_block(wt, u, scale, zero, maxq, codes, err, i1)
         if i2 < n:
             w[..., i2:] -= err[:, i1:i2].transpose(-2, -1) @ u[:, i1:i2, i2:]
     return codes.transpose(-2, -1), err.transpose(-2, -1)
@@ -216,7 +216,7 @@ def solve_column_parallel(
     ``hessian_for_order`` (undamped H) feeds the ``act`` order; the damped ``h`` is used otherwise.
     """
     w = w.float()  # every path below updates a copy: a column gather, or the clone for order "none"
-    h = h.float()
+    h, scale, zero = h.float(), scale.float(), zero.float()
     g, d_row, d_col = w.shape
     hinv = inverse_hessian(h)
     dynamic = order == "sensi_dyn"

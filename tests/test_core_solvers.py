@@ -231,6 +231,23 @@ def test_compiled_kernels_equal_torch_path(order: str, granularity: str, monkeyp
     assert torch.equal(torch_path.codes, compiled.codes) and torch.equal(torch_path.perm, compiled.perm)
 
 
+def test_kernels_load_compiles_each_kernel_for_its_one_signature() -> None:
+    from lightning_obq import kernels
+
+    assert kernels.load() >= 0.0
+    assert [loader.cache_info().currsize for loader in kernels._LOADERS] == [1, 1]
+    # Inputs may be any view (here a transposed one), outputs must be C-contiguous: one machine-code version.
+    w = torch.ones(1, 4, 3)
+    codes, err = torch.empty(1, 4, 3), torch.empty(1, 4, 3)
+    u = torch.eye(4).expand(1, 4, 4).transpose(1, 2)
+    kernels.quantize_block_kernel(w.numpy(), u.numpy(), torch.ones(1, 1, 3).numpy(), torch.zeros(1, 1, 3).numpy(),
+                                  7.0, codes.numpy(), err.numpy(), 0)
+    assert torch.equal(codes, torch.ones(1, 4, 3)) and torch.equal(err, torch.zeros(1, 4, 3))
+    with pytest.raises(TypeError):
+        kernels.quantize_block_kernel(w.numpy(), u.numpy(), torch.ones(1, 1, 3).numpy(),
+                                      torch.zeros(1, 1, 3).numpy(), 7.0, codes.transpose(1, 2).numpy(), err.numpy(), 0)
+
+
 @pytest.mark.parametrize("d_col", [9, 70])
 def test_grouped_problem_is_solved_in_one_batched_call_like_separate_calls(d_col: int) -> None:
     problems = [correlated_problem(d_row=4, d_col=d_col, seed=s) for s in range(5)]

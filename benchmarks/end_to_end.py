@@ -48,12 +48,7 @@ from common import (  # noqa: E402
 )
 from layers import obq_estimate  # noqa: E402
 
-from lightning_obq import (  # noqa: E402
-    QuantConfig,
-    kernels,  # noqa: E402
-    quantize_layer,
-    quantize_model,
-)
+from lightning_obq import QuantConfig, kernels, quantize_layer, quantize_model  # noqa: E402
 from lightning_obq import hessian as hessian_module  # noqa: E402
 from lightning_obq.hessian import HessianAccumulator, layer_columns, weight_matrix  # noqa: E402
 from lightning_obq.layer import LayerResult  # noqa: E402

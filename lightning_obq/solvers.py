@@ -104,7 +104,8 @@ def _order_columns(
     rows and columns in that order; compiled (`order_columns_kernel`) on `COMPILED_DEVICES`."""
     if w.device.type in COMPILED_DEVICES:
         order = torch.empty(score.shape, dtype=torch.int64)
-        w_out, hinv_out = torch.empty(w.shape), torch.empty(hinv.shape)  # C-contiguous float32
+        w_out = torch.empty(w.shape, dtype=torch.float32)  # C-contiguous, as the kernel's signature wants
+        hinv_out = torch.empty(hinv.shape, dtype=torch.float32)
         arrays = (t.numpy() for t in (score, w, hinv, order, w_out, hinv_out))
         order_columns_kernel(*arrays)
         return order, w_out, hinv_out

@@ -231,6 +231,18 @@ def test_compiled_kernels_equal_torch_path(order: str, granularity: str, monkeyp
     assert torch.equal(torch_path.codes, compiled.codes) and torch.equal(torch_path.perm, compiled.perm)
 
 
+def test_results_do_not_depend_on_the_default_dtype() -> None:
+    w, h = correlated_problem(d_row=8, d_col=40)
+    reference = quantize_layer(w, h, QuantConfig(bits=3))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        result = quantize_layer(w, h, QuantConfig(bits=3))
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(result.codes, reference.codes)
+
+
 def test_kernels_load_compiles_each_kernel_for_its_one_signature() -> None:
     from lightning_obq import kernels
 

@@ -231,6 +231,17 @@ def test_compiled_kernels_equal_torch_path(order: str, granularity: str, monkeyp
     assert torch.equal(torch_path.codes, compiled.codes) and torch.equal(torch_path.perm, compiled.perm)
 
 
+def test_result_tensors_are_ordinary_tensors() -> None:
+    """quantize_layer computes in inference mode; what it returns must still work with autograd and in place."""
+    w, h = correlated_problem(d_row=8, d_col=24)
+    r = quantize_layer(w, h, QuantConfig(bits=4))
+    assert not any(t.is_inference() for t in (r.weight, r.codes, r.scale, r.zero, r.perm))
+    p = torch.nn.Parameter(r.weight)
+    (p * 2).sum().backward()
+    assert torch.equal(p.grad, torch.full_like(p, 2.0))
+    r.codes.add_(1)
+
+
 def test_results_do_not_depend_on_the_default_dtype() -> None:
     w, h = correlated_problem(d_row=8, d_col=40)
     reference = quantize_layer(w, h, QuantConfig(bits=3))

@@ -97,6 +97,11 @@ def _permute_square(m: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return rows.gather(2, perm.unsqueeze(1).expand(-1, n, n))
 
 
+def _apply_order(order: torch.Tensor, w: torch.Tensor, hinv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w``'s columns and ``H^-1``'s rows and columns in ``order [G, n]`` (torch operations)."""
+    return w.gather(2, order.unsqueeze(1).expand_as(w)), _permute_square(hinv, order)
+
+
 def _order_columns(
     score: torch.Tensor, w: torch.Tensor, hinv: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,7 +115,7 @@ def _order_columns(
         order_columns_kernel(*arrays)
         return order, w_out, hinv_out
     order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    return order, w.gather(2, order.unsqueeze(1).expand_as(w)), _permute_square(hinv, order)
+    return order, *_apply_order(order, w, hinv)
 
 
 def dynamic_sensitivity(
@@ -222,22 +227,19 @@ def solve_column_parallel(
     hinv = inverse_hessian(h)
     dynamic = order == "sensi_dyn"
     if dynamic:
-        perm = torch.arange(d_col, device=w.device).expand(g, d_col)
+        # Expected squared rounding error per column, [G, 1, 1] or [G, 1, d_col] like the grid's columns.
+        expected = (scale.pow(2) / 12).expand(g, d_row, scale.shape[-1]).sum(1, keepdim=True)
+        remaining, chosen = torch.arange(d_col, device=w.device).expand(g, d_col), []
     else:
         perm = column_order(
             order, w, h if hessian_for_order is None else hessian_for_order, hinv, scale, zero, maxq
         )
         if order != "none":
-            w = w.gather(2, perm.unsqueeze(1).expand(g, d_row, d_col))
+            w, hinv = _apply_order(perm, w, hinv)
             scale, zero = _gather_columns(scale, perm), _gather_columns(zero, perm)
-            hinv = _permute_square(hinv, perm)
         else:
             w = w.clone()
     codes = torch.empty_like(w)
-    if dynamic:
-        # Expected squared rounding error per column, [G, 1, 1] or [G, 1, d_col] like the grid's columns.
-        expected = (scale.pow(2) / 12).expand(g, d_row, scale.shape[-1]).sum(1, keepdim=True)
-        remaining, chosen = perm, []
     done = 0
     while done < d_col:
         if dynamic:

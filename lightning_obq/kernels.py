@@ -58,16 +58,19 @@ def load() -> float:
     return time.perf_counter() - start
 
 
-@_compiled_on_first_call(f"void({_C3}, {_ANY3}, {_ANY3}, {_ANY3}, float64, {_C3}, {_C3}, int64)")
+@_compiled_on_first_call(
+    f"void({_C3}, {_ANY3}, {_ANY3}, {_ANY3}, float64, int64[:, :], {_ANY3}, {_C3}, int64)"
+)
 def quantize_block_kernel(
-    wt: np.ndarray, u: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: float, codes: np.ndarray,
-    err: np.ndarray, start: int,
+    wt: np.ndarray, u: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: float, columns: np.ndarray,
+    codes: np.ndarray, err: np.ndarray, start: int,
 ) -> None:  # pragma: no cover - compiled; the test suite checks it against the torch loop
     """Quantize the columns ``start .. start + b`` in order, on the block's transpose ``wt [G, b, r]``.
 
     ``u [G, n, n]`` is the upper Cholesky factor of ``H^-1``; ``scale``/``zero`` are ``[G, 1 or n, r]``
-    (one grid for all columns, or one per column). Writes the codes and the errors scaled by ``1 / u_ii``
-    into rows ``start .. start + b`` of ``codes``/``err`` (``[G, n, r]``); ``wt``'s later columns take the
+    (one grid for all columns, or one per column). Writes the codes of column ``i`` into column
+    ``columns[i]`` of ``codes [G, r, N]`` (the weight's own column order) and the errors scaled by
+    ``1 / u_ii`` into rows ``start .. start + b`` of ``err [G, n, r]``; ``wt``'s later columns take the
     updates in place.
     """
     groups, b, rows = wt.shape
@@ -78,13 +81,14 @@ def quantize_block_kernel(
         for i in range(b):
             col = start + i
             c = col if per_column else 0
+            out = columns[k, col]
             d = u[k, col, col]
             for j in range(rows):
                 x = wt[k, i, j]
                 s = scale[k, c, j]
                 z = zero[k, c, j]
                 q = min(max(np.float32(np.rint(x / s)) + z, low), top)  # quantizer.quantize_codes
-                codes[k, col, j] = q
+                codes[k, j, out] = q
                 err[k, col, j] = (x - s * (q - z)) / d
             for m in range(i + 1, b):
                 um = u[k, col, start + m]
@@ -92,19 +96,27 @@ def quantize_block_kernel(
                     wt[k, m, j] -= um * err[k, col, j]
 
 
-@_compiled_on_first_call(f"void(float32[:, :], {_ANY3}, {_ANY3}, int64[:, ::1], {_C3}, {_C3})")
+@_compiled_on_first_call(f"void(float32[:, ::1], float32[:, :], {_ANY3}, {_ANY3}, int64[:, ::1], {_C3}, {_C3})")
 def order_columns_kernel(
-    score: np.ndarray, w: np.ndarray, hinv: np.ndarray, order: np.ndarray, w_out: np.ndarray, hinv_out: np.ndarray
+    error_sums: np.ndarray, expected: np.ndarray, w: np.ndarray, hinv: np.ndarray, order: np.ndarray,
+    w_out: np.ndarray, hinv_out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled; the test suite checks it against the torch path
-    """Sort the columns by ``score [G, n]``, highest first (stable), and apply that order.
+    """Rank the columns of ``w [G, r, n]`` by their ``sensi_dyn`` score, highest first (stable), and apply
+    that order.
 
-    Writes the order into ``order [G, n]`` (int64), ``w [G, r, n]``'s columns in that order into ``w_out``
-    and ``hinv [G, n, n]`` with rows and columns in that order into ``hinv_out``.
+    The score of column ``j`` is ``(error_sums[j] + expected[j]) / hinv[j, j]`` (`solvers.dynamic_sensitivity`
+    from the column sums of the squared rounding error; ``expected`` is ``[G, 1 or n]``). Writes the order into
+    ``order [G, n]``, ``w``'s columns in that order into ``w_out`` and ``hinv [G, n, n]`` with rows and columns
+    in that order into ``hinv_out``.
     """
     groups, rows, n = w.shape
+    per_column = expected.shape[1] != 1
+    score = np.empty(n, dtype=np.float32)
     for k in range(groups):
-        order[k] = np.argsort(-score[k], kind="mergesort")
-        pk = order[k]
+        for j in range(n):
+            score[j] = -((error_sums[k, j] + expected[k, j if per_column else 0]) / hinv[k, j, j])
+        order[k] = np.argsort(score, kind="mergesort")  # ascending on the negated score: stable, highest first
+        pk = order[k].astype(np.uint64)  # unsigned: indexing skips the negative-index check (a third faster)
         for i in range(rows):
             src = w[k, i]
             dst = w_out[k, i]
@@ -115,3 +127,35 @@ def order_columns_kernel(
             dst = hinv_out[k, i]
             for j in range(n):
                 dst[j] = src[pk[j]]
+
+
+@_compiled_on_first_call(f"void({_C3}, {_C3}, {_C3}, float64, {_C3})")
+def squared_rounding_error_kernel(
+    w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: float, out: np.ndarray
+) -> None:  # pragma: no cover - compiled; the test suite checks it against the torch path
+    """``(q(w) - w)^2`` per weight of ``w [G, r, n]`` into ``out``; ``scale``/``zero`` are ``[G, r, 1 or n]``.
+
+    One pass instead of eight tensor operations: what the column orders score, once per ranking of
+    ``sensi_dyn``.
+    """
+    groups, rows, n = w.shape
+    per_column = scale.shape[2] != 1
+    top = np.float32(maxq)
+    low = np.float32(0.0)
+    for k in range(groups):
+        for i in range(rows):
+            if per_column:  # two loops, so that neither picks its grid inside the loop: both vectorise
+                for j in range(n):
+                    out[k, i, j] = _squared_rounding_error(w[k, i, j], scale[k, i, j], zero[k, i, j], low, top)
+            else:
+                s = scale[k, i, 0]
+                z = zero[k, i, 0]
+                for j in range(n):
+                    out[k, i, j] = _squared_rounding_error(w[k, i, j], s, z, low, top)
+
+
+@numba.njit(inline="always")
+def _squared_rounding_error(x: float, s: float, z: float, low: float, top: float) -> float:  # pragma: no cover
+    q = min(max(np.float32(np.rint(x / s)) + z, low), top)  # quantizer.fake_quantize, as float32 operations
+    d = s * (q - z) - x
+    return d * d

@@ -12,11 +12,12 @@ import math
 
 import torch
 
-from .kernels import order_columns_kernel, quantize_block_kernel
+from .kernels import order_columns_kernel, quantize_block_kernel, squared_rounding_error_kernel
 from .quantizer import dequantize_codes, fake_quantize, quantize_codes
 
 COMPILED_DEVICES = ("cpu",)
-"""Device types whose column loop and column re-ordering run as the compiled `kernels`; others use torch ops."""
+"""Device types whose column loop, column scores and column re-ordering run as the compiled `kernels` (on
+float32 tensors); others use torch ops."""
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -45,7 +46,17 @@ def inverse_hessian(h: torch.Tensor) -> torch.Tensor:
 
 
 def squared_rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """``(q(w) - w)^2`` per weight of ``w [G, r, n]``: the rounding residual the column orders score."""
+    """``(q(w) - w)^2`` per weight of ``w [G, r, n]``: the rounding residual the column orders score.
+
+    ``scale``/``zero`` broadcast to ``[G, r, 1 or n]``. Compiled (`squared_rounding_error_kernel`) for
+    float32 tensors on `COMPILED_DEVICES`.
+    """
+    if w.device.type in COMPILED_DEVICES and w.dtype == scale.dtype == zero.dtype == torch.float32:
+        g, r, n = w.shape
+        out = torch.empty(g, r, n, dtype=torch.float32)
+        grid = (t.expand(g, r, t.shape[-1]).contiguous().numpy() for t in (scale, zero))
+        squared_rounding_error_kernel(w.contiguous().numpy(), *grid, float(maxq), out.numpy())
+        return out
     return torch.sub(fake_quantize(w, scale, zero, maxq), w).square_()
 
 
@@ -102,22 +113,6 @@ def _apply_order(order: torch.Tensor, w: torch.Tensor, hinv: torch.Tensor) -> tu
     return w.gather(2, order.unsqueeze(1).expand_as(w)), _permute_square(hinv, order)
 
 
-def _order_columns(
-    score: torch.Tensor, w: torch.Tensor, hinv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The columns sorted by ``score [G, n]`` (highest first, stable), with ``w``'s columns and ``H^-1``'s
-    rows and columns in that order; compiled (`order_columns_kernel`) on `COMPILED_DEVICES`."""
-    if w.device.type in COMPILED_DEVICES:
-        order = torch.empty(score.shape, dtype=torch.int64)
-        w_out = torch.empty(w.shape, dtype=torch.float32)  # C-contiguous, as the kernel's signature wants
-        hinv_out = torch.empty(hinv.shape, dtype=torch.float32)
-        arrays = (t.numpy() for t in (score, w, hinv, order, w_out, hinv_out))
-        order_columns_kernel(*arrays)
-        return order, w_out, hinv_out
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    return order, *_apply_order(order, w, hinv)
-
-
 def dynamic_sensitivity(
     w: torch.Tensor, hinv_diag: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
     expected: torch.Tensor,
@@ -132,6 +127,26 @@ def dynamic_sensitivity(
     return squared_rounding_error(w, scale, zero, maxq).sum(1).add_(expected).div_(hinv_diag)
 
 
+def _rank_columns(
+    w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+    expected: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The columns sorted by `dynamic_sensitivity` (highest first, stable), with ``w``'s columns and
+    ``H^-1``'s rows and columns in that order. On `COMPILED_DEVICES` the score's last steps, the sort and
+    the permutation run as one compiled call (`order_columns_kernel`, bitwise the same)."""
+    if w.device.type in COMPILED_DEVICES:
+        error_sums = squared_rounding_error(w, scale, zero, maxq).sum(1)
+        order = torch.empty(error_sums.shape, dtype=torch.int64)
+        w_out = torch.empty(w.shape, dtype=torch.float32)  # C-contiguous, as the kernel's signature wants
+        hinv_out = torch.empty(hinv.shape, dtype=torch.float32)
+        arrays = (t.numpy() for t in (error_sums, expected, w, hinv, order, w_out, hinv_out))
+        order_columns_kernel(*arrays)
+        return order, w_out, hinv_out
+    score = dynamic_sensitivity(w, hinv.diagonal(dim1=-2, dim2=-1), scale, zero, maxq, expected)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    return order, *_apply_order(order, w, hinv)
+
+
 def reorder_block(d_col: int) -> int:
     """Columns quantized between two re-rankings of ``sensi_dyn``: a third of the layer (at least 32).
 
@@ -143,20 +158,21 @@ def reorder_block(d_col: int) -> int:
 
 def _quantize_block(
     wt: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-    codes: torch.Tensor, err: torch.Tensor, start: int,
+    columns: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, start: int,
 ) -> None:
     """The sequential core of GPTQ/FastOBQ on the block of columns ``start .. start + b``, transposed:
     ``wt [G, b, r]``.
 
     Column ``i`` of all rows is rounded, and its error, scaled by ``1 / u_ii``, is spread over the block's
-    later columns with row ``i`` of the upper Cholesky factor ``u [G, n, n]``. Writes the codes and the
-    scaled errors into the block's rows of ``codes``/``err`` (``[G, n, r]``); ``scale``/``zero`` are
-    ``[G, 1 or n, r]``. On the devices in `COMPILED_DEVICES` the loop runs compiled
-    (`quantize_block_kernel`, bitwise the same float32 operations), elsewhere as torch operations.
+    later columns with row ``i`` of the upper Cholesky factor ``u [G, n, n]``. Writes the codes of column
+    ``i`` into column ``columns[:, i]`` of ``codes [G, r, N]`` (the weight's own order) and the scaled errors
+    into the block's rows of ``err [G, n, r]``; ``scale``/``zero`` are ``[G, 1 or n, r]``. On the devices in
+    `COMPILED_DEVICES` the loop runs compiled (`quantize_block_kernel`, bitwise the same float32
+    operations), elsewhere as torch operations.
     """
     if wt.device.type in COMPILED_DEVICES:
         arrays = (t.numpy() for t in (wt, u, scale, zero))
-        quantize_block_kernel(*arrays, float(maxq), codes.numpy(), err.numpy(), start)
+        quantize_block_kernel(*arrays, float(maxq), columns.numpy(), codes.numpy(), err.numpy(), start)
         return
     per_column = scale.shape[-2] != 1
     s, z = scale[:, 0], zero[:, 0]
@@ -166,33 +182,34 @@ def _quantize_block(
             s, z = scale[:, col], zero[:, col]
         x = wt[:, i]
         q = quantize_codes(x, s, z, maxq)
-        codes[:, col] = q
+        codes.scatter_(2, columns[:, col, None, None].expand(-1, codes.shape[1], 1), q.unsqueeze(-1))
         e = (x - dequantize_codes(q, s, z)) / u[:, col, col, None]
         err[:, col] = e
         wt[:, i:] -= u[:, col, col : start + wt.shape[1], None] * e[:, None]
 
 
 def _quantize_columns(
-    w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, block_size: int,
+    columns: torch.Tensor, codes: torch.Tensor,
+) -> torch.Tensor:
     """`_quantize_block` over ``w [G, r, n]`` in lazy blocks: within a block each column updates the
     block's later columns; the columns after the block get the whole block's errors in one product.
 
-    Returns the codes and the scaled errors ``[G, r, n]`` (as transposed views). The loop reads each block
-    as a transposed copy, so every column is contiguous.
+    Writes the codes of column ``i`` into column ``columns[:, i]`` of ``codes [G, r, N]`` and returns the
+    scaled errors ``[G, r, n]`` (a transposed view). The loop reads each block as a transposed copy, so
+    every column is contiguous.
     """
     g, r, n = w.shape
-    codes = torch.empty(g, n, r, dtype=w.dtype, device=w.device)
-    err = torch.empty_like(codes)
+    err = torch.empty(g, n, r, dtype=w.dtype, device=w.device)
     scale = scale.transpose(-2, -1).expand(g, -1, r)  # [G, 1 or n, r]
     zero = zero.transpose(-2, -1).expand_as(scale)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         wt = w[..., i1:i2].transpose(-2, -1).contiguous()
-        _quantize_block(wt, u, scale, zero, maxq, codes, err, i1)
+        _quantize_block(wt, u, scale, zero, maxq, columns, codes, err, i1)
         if i2 < n:
             w[..., i2:] -= err[:, i1:i2].transpose(-2, -1) @ u[:, i1:i2, i2:]
-    return codes.transpose(-2, -1), err.transpose(-2, -1)
+    return err.transpose(-2, -1)
 
 
 def solve_column_parallel(
@@ -239,28 +256,26 @@ def solve_column_parallel(
             scale, zero = _gather_columns(scale, perm), _gather_columns(zero, perm)
         else:
             w = w.clone()
-    codes = torch.empty_like(w)
+    codes = torch.empty(g, d_row, d_col, dtype=w.dtype, device=w.device)
     done = 0
     while done < d_col:
         if dynamic:
             b = min(reorder_block(d_col), d_col - done)
-            score = dynamic_sensitivity(w, hinv.diagonal(dim1=-2, dim2=-1), scale, zero, maxq, expected[:, 0])
-            local, w, hinv = _order_columns(score, w, hinv)
+            local, w, hinv = _rank_columns(w, hinv, scale, zero, maxq, expected[:, 0])
             scale, zero, expected = (_gather_columns(t, local) for t in (scale, zero, expected))
             remaining = remaining.gather(1, local)
-            chosen.append(remaining[:, :b])
-            remaining = remaining[:, b:]
+            columns, remaining = remaining[:, :b], remaining[:, b:]
+            chosen.append(columns)
             # Rows of the upper factor for the block, then H^-1 of the columns left (Schur complement).
             u_block, u_rest = _cholesky(hinv[:, :b, :b], upper=True), None
             if b < hinv.shape[-1]:
                 u_rest = torch.linalg.solve_triangular(u_block.transpose(-2, -1), hinv[:, :b, b:], upper=False)
                 hinv = torch.baddbmm(hinv[:, b:, b:], u_rest.transpose(-2, -1), u_rest, alpha=-1)
         else:
-            b = d_col
+            b, columns = d_col, perm
             # Upper factor U of the permuted H^-1: row i of U holds the update of step i for columns >= i.
             u_block, u_rest = _cholesky(hinv, upper=True), None
-        c, e = _quantize_columns(w[..., :b], u_block, scale, zero, maxq, block_size)
-        codes[..., done : done + b] = c
+        e = _quantize_columns(w[..., :b], u_block, scale, zero, maxq, block_size, columns, codes)
         if u_rest is not None:
             w = torch.baddbmm(w[..., b:], e, u_rest, alpha=-1)
             if scale.shape[-1] != 1:
@@ -268,8 +283,6 @@ def solve_column_parallel(
         done += b
     if dynamic:
         perm = torch.cat(chosen, dim=1)
-    if order != "none":
-        codes = torch.empty_like(codes).scatter_(2, perm.unsqueeze(1).expand(g, d_row, d_col), codes)
     return codes, perm
 
 

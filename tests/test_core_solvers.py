@@ -258,17 +258,20 @@ def test_kernels_load_compiles_each_kernel_for_its_one_signature() -> None:
     from lightning_obq import kernels
 
     assert kernels.load() >= 0.0
-    assert [loader.cache_info().currsize for loader in kernels._LOADERS] == [1, 1]
-    # Inputs may be any view (here a transposed one), outputs must be C-contiguous: one machine-code version.
-    w = torch.ones(1, 4, 3)
-    codes, err = torch.empty(1, 4, 3), torch.empty(1, 4, 3)
+    assert [loader.cache_info().currsize for loader in kernels._LOADERS] == [1, 1, 1]
+    # Inputs may be any view (here transposed or expanded ones), scratch outputs must be C-contiguous: one
+    # machine-code version.
+    w = torch.arange(4.0).view(1, 4, 1).expand(1, 4, 3).contiguous()  # column i (transposed: row i) holds i
+    codes, err = torch.empty(1, 4, 3).transpose(1, 2), torch.empty(1, 4, 3)
     u = torch.eye(4).expand(1, 4, 4).transpose(1, 2)
-    kernels.quantize_block_kernel(w.numpy(), u.numpy(), torch.ones(1, 1, 3).numpy(), torch.zeros(1, 1, 3).numpy(),
-                                  7.0, codes.numpy(), err.numpy(), 0)
-    assert torch.equal(codes, torch.ones(1, 4, 3)) and torch.equal(err, torch.zeros(1, 4, 3))
+    grid = torch.ones(1, 1, 3).numpy(), torch.zeros(1, 1, 3).numpy()
+    columns = torch.tensor([2, 0, 3, 1]).expand(1, 4)
+    kernels.quantize_block_kernel(w.numpy(), u.numpy(), *grid, 7.0, columns.numpy(), codes.numpy(), err.numpy(), 0)
+    # Column i's codes land in column columns[i] of the weight's order.
+    assert codes.tolist() == [[[1.0, 3.0, 0.0, 2.0]] * 3] and torch.equal(err, torch.zeros(1, 4, 3))
     with pytest.raises(TypeError):
-        kernels.quantize_block_kernel(w.numpy(), u.numpy(), torch.ones(1, 1, 3).numpy(),
-                                      torch.zeros(1, 1, 3).numpy(), 7.0, codes.transpose(1, 2).numpy(), err.numpy(), 0)
+        kernels.quantize_block_kernel(w.numpy(), u.numpy(), *grid, 7.0, columns.numpy(), codes.numpy(),
+                                      err.transpose(1, 2).numpy(), 0)
 
 
 @pytest.mark.parametrize("d_col", [9, 70])

@@ -23,22 +23,22 @@ _ANY3 = "float32[:, :, :]"
 _C3 = "float32[:, :, ::1]"
 
 
-_LOADERS: list[Callable[[], Callable[..., None]]] = []
+_LOADERS: list[Callable[[], Callable[..., object]]] = []
 
 
-def _compiled_on_first_call(signature: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _compiled_on_first_call(signature: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Compile for exactly ``signature`` (whatever the strides of the views passed in: one machine-code
     version per kernel) when first called, not at import; numba caches it on disk, so the compilation
     (a few seconds) happens once per installation and later processes only load it (a fraction of one)."""
 
-    def decorate(func: Callable[..., None]) -> Callable[..., None]:
+    def decorate(func: Callable[..., object]) -> Callable[..., object]:
         @functools.cache
-        def compiled() -> Callable[..., None]:
+        def compiled() -> Callable[..., object]:
             return numba.njit(signature, cache=True, nogil=True)(func)
 
         @functools.wraps(func)
-        def call(*args: object) -> None:
-            compiled()(*args)
+        def call(*args: object) -> object:
+            return compiled()(*args)
 
         _LOADERS.append(compiled)
         return call
@@ -96,20 +96,23 @@ def quantize_block_kernel(
                     wt[k, m, j] -= um * err[k, col, j]
 
 
-@_compiled_on_first_call(f"void(float32[:, ::1], float32[:, :], {_ANY3}, {_ANY3}, int64[:, ::1], {_C3}, {_C3})")
+@_compiled_on_first_call(
+    f"Tuple((int64[:, ::1], {_C3}, {_C3}))(float32[:, ::1], float32[:, :], {_ANY3}, {_ANY3})"
+)
 def order_columns_kernel(
-    error_sums: np.ndarray, expected: np.ndarray, w: np.ndarray, hinv: np.ndarray, order: np.ndarray,
-    w_out: np.ndarray, hinv_out: np.ndarray,
-) -> None:  # pragma: no cover - compiled; the test suite checks it against the torch path
+    error_sums: np.ndarray, expected: np.ndarray, w: np.ndarray, hinv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled; tests check it against torch
     """Rank the columns of ``w [G, r, n]`` by their ``sensi_dyn`` score, highest first (stable), and apply
     that order.
 
     The score of column ``j`` is ``(error_sums[j] + expected[j]) / hinv[j, j]`` (`solvers.dynamic_sensitivity`
-    from the column sums of the squared rounding error; ``expected`` is ``[G, 1 or n]``). Writes the order into
-    ``order [G, n]``, ``w``'s columns in that order into ``w_out`` and ``hinv [G, n, n]`` with rows and columns
-    in that order into ``hinv_out``.
+    from the column sums of the squared rounding error; ``expected`` is ``[G, 1 or n]``). Returns the order
+    ``[G, n]``, ``w``'s columns in that order and ``hinv [G, n, n]`` with rows and columns in that order.
     """
     groups, rows, n = w.shape
+    order = np.empty((groups, n), dtype=np.int64)
+    w_out = np.empty((groups, rows, n), dtype=np.float32)
+    hinv_out = np.empty((groups, n, n), dtype=np.float32)
     per_column = expected.shape[1] != 1
     score = np.empty(n, dtype=np.float32)
     for k in range(groups):
@@ -127,18 +130,20 @@ def order_columns_kernel(
             dst = hinv_out[k, i]
             for j in range(n):
                 dst[j] = src[pk[j]]
+    return order, w_out, hinv_out
 
 
-@_compiled_on_first_call(f"void({_C3}, {_C3}, {_C3}, float64, {_C3})")
+@_compiled_on_first_call(f"{_C3}({_C3}, {_C3}, {_C3}, float64)")
 def squared_rounding_error_kernel(
-    w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: float, out: np.ndarray
-) -> None:  # pragma: no cover - compiled; the test suite checks it against the torch path
-    """``(q(w) - w)^2`` per weight of ``w [G, r, n]`` into ``out``; ``scale``/``zero`` are ``[G, r, 1 or n]``.
+    w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: float
+) -> np.ndarray:  # pragma: no cover - compiled; the test suite checks it against the torch path
+    """``(q(w) - w)^2`` per weight of ``w [G, r, n]``; ``scale``/``zero`` are ``[G, r, 1 or n]``.
 
     One pass instead of eight tensor operations: what the column orders score, once per ranking of
     ``sensi_dyn``.
     """
     groups, rows, n = w.shape
+    out = np.empty((groups, rows, n), dtype=np.float32)
     per_column = scale.shape[2] != 1
     top = np.float32(maxq)
     low = np.float32(0.0)
@@ -152,6 +157,7 @@ def squared_rounding_error_kernel(
                 z = zero[k, i, 0]
                 for j in range(n):
                     out[k, i, j] = _squared_rounding_error(w[k, i, j], s, z, low, top)
+    return out
 
 
 @numba.njit(inline="always")

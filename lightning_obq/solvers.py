@@ -52,11 +52,9 @@ def squared_rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     float32 tensors on `COMPILED_DEVICES`.
     """
     if w.device.type in COMPILED_DEVICES and w.dtype == scale.dtype == zero.dtype == torch.float32:
-        g, r, n = w.shape
-        out = torch.empty(g, r, n, dtype=torch.float32)
+        g, r, _ = w.shape
         grid = (t.expand(g, r, t.shape[-1]).contiguous().numpy() for t in (scale, zero))
-        squared_rounding_error_kernel(w.contiguous().numpy(), *grid, float(maxq), out.numpy())
-        return out
+        return torch.from_numpy(squared_rounding_error_kernel(w.contiguous().numpy(), *grid, float(maxq)))
     return torch.sub(fake_quantize(w, scale, zero, maxq), w).square_()
 
 
@@ -136,12 +134,8 @@ def _rank_columns(
     the permutation run as one compiled call (`order_columns_kernel`, bitwise the same)."""
     if w.device.type in COMPILED_DEVICES:
         error_sums = squared_rounding_error(w, scale, zero, maxq).sum(1)
-        order = torch.empty(error_sums.shape, dtype=torch.int64)
-        w_out = torch.empty(w.shape, dtype=torch.float32)  # C-contiguous, as the kernel's signature wants
-        hinv_out = torch.empty(hinv.shape, dtype=torch.float32)
-        arrays = (t.numpy() for t in (error_sums, expected, w, hinv, order, w_out, hinv_out))
-        order_columns_kernel(*arrays)
-        return order, w_out, hinv_out
+        ranked = order_columns_kernel(*(t.numpy() for t in (error_sums, expected, w, hinv)))
+        return tuple(torch.from_numpy(a) for a in ranked)
     score = dynamic_sensitivity(w, hinv.diagonal(dim1=-2, dim2=-1), scale, zero, maxq, expected)
     order = torch.argsort(score, dim=-1, descending=True, stable=True)
     return order, *_apply_order(order, w, hinv)

@@ -231,6 +231,18 @@ def test_compiled_kernels_equal_torch_path(order: str, granularity: str, monkeyp
     assert torch.equal(torch_path.codes, compiled.codes) and torch.equal(torch_path.perm, compiled.perm)
 
 
+@pytest.mark.parametrize("columns", [1, 70])
+def test_compiled_rounding_residual_equals_the_torch_formula(columns: int) -> None:
+    """The residual the orders score, compiled, is bit for bit ``(fake_quantize(w) - w)^2``, clipping included."""
+    w = torch.randn(2, 40, 70) * 3  # reaches well past the 8-step grids: weights clip at both ends
+    scale = torch.rand(2, 40, columns) * 0.3 + 0.05
+    zero = torch.randint(0, 8, (2, 40, columns)).float()
+    scale[0, 0] = 0.25
+    w[0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, -0.5]) * 0.25  # exact halves of a step: round half to even
+    expected = torch.sub(fake_quantize(w, scale, zero, 7), w).square_()
+    assert torch.equal(solvers.squared_rounding_error(w, scale, zero, 7), expected)
+
+
 def test_result_tensors_are_ordinary_tensors() -> None:
     """quantize_layer computes in inference mode; what it returns must still work with autograd and in place."""
     w, h = correlated_problem(d_row=8, d_col=24)

@@ -153,8 +153,13 @@ def machine_info() -> str:
     return "Machine: " + "; ".join(p for p in parts if p) + "."
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Environment variables that change the timings: part of the command when set."""
+
+
 def command_line() -> str:
-    """The command that is running, relative to the repository root when possible."""
+    """The command that is running, relative to the repository root when possible, with the thread settings
+    of its environment in front (they are part of what produced the numbers)."""
     args = list(sys.argv)
     try:
         args[0] = str(Path(args[0]).resolve().relative_to(ROOT))
@@ -165,7 +170,8 @@ def command_line() -> str:
         python = str(Path(python).relative_to(ROOT))
     except ValueError:
         pass
-    return " ".join(shlex.quote(a) for a in [python, *args])
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in THREAD_VARIABLES if name in os.environ]
+    return " ".join([*env, *(shlex.quote(a) for a in [python, *args])])
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no network probes from Ultralytics (fonts, hub, checks)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import ultralytics  # noqa: E402
+from common import command_line, load_note, machine_info  # noqa: E402
 
 from lightning_obq import QuantConfig  # noqa: E402
 from lightning_obq.data import cache_dir  # noqa: E402
@@ -43,20 +43,6 @@ def obq_tflop(model: nn.Module) -> float:
         groups, rows, cols = weight_matrix(module).shape
         total += 2.0 * groups * rows * cols**3
     return total / 1e12
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import ultralytics
-
-    return (f"{cpu}, {os.cpu_count()} logical CPUs (torch threads {torch.get_num_threads()}), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"ultralytics {ultralytics.__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = args.epochs * len(args.models)
     if len(args.epochs) != len(args.models):
         p.error("--epochs needs one value, or one per model")
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
     cache = Path(args.cache).expanduser()
     spec = DetectionSetSpec(train_images=args.train_images, val_images=args.val_images)
@@ -134,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# YOLO: FastOBQ vs GPTQ vs RTN on detectors trained here",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command_line()}`",
         "",
-        f"Machine: {machine()}. Other agents shared the 2 CPU cores during the run, so seconds are indicative.",
+        f"{machine_info()} Ultralytics {ultralytics.__version__}. {load_note()}",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; whole run {total:.0f}s.",
         "",
         "Data: the Fashion-MNIST detection set (`lightning_obq.detection_data`): "

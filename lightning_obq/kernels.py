@@ -150,7 +150,7 @@ def squared_rounding_error_kernel(
     low = np.float32(0.0)
     for k in range(groups):
         for i in range(rows):
-            if per_column:  # two loops, so that neither picks its grid inside the loop: both vectorise
+            if per_column:  # two loops: with one grid per row the inner loop vectorises (this one does not)
                 for j in range(n):
                     out[k, i, j] = _squared_rounding_error(w[k, i, j], scale[k, i, j], zero[k, i, j], low, top)
             else:

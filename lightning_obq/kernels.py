@@ -88,7 +88,7 @@ def quantize_block_kernel(
                 x = wt[k, i, j]
                 s = scale[k, c, j]
                 z = zero[k, c, j]
-                q = min(max(np.float32(np.rint(x / s)) + z, low), top)  # quantizer.quantize_codes
+                q = _quantize_code(x, s, z, low, top)
                 codes[k, j, out] = q
                 err[k, col, j] = (x - s * (q - z)) / d
             for m in range(i + 1, b):
@@ -162,7 +162,13 @@ def squared_rounding_error_kernel(
 
 
 @numba.njit(inline="always")
+def _quantize_code(x: float, s: float, z: float, low: float, top: float) -> float:  # pragma: no cover
+    """`quantizer.quantize_codes` of one weight, as the same float32 operations (inlined into the kernels)."""
+    return min(max(np.float32(np.rint(x / s)) + z, low), top)
+
+
+@numba.njit(inline="always")
 def _squared_rounding_error(x: float, s: float, z: float, low: float, top: float) -> float:  # pragma: no cover
-    q = min(max(np.float32(np.rint(x / s)) + z, low), top)  # quantizer.fake_quantize, as float32 operations
-    d = s * (q - z) - x
+    """``(q(x) - x)^2`` of one weight: `quantizer.fake_quantize` minus the weight, squared."""
+    d = s * (_quantize_code(x, s, z, low, top) - z) - x
     return d * d

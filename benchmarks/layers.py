@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -120,25 +121,30 @@ OBQ_REPEAT_SECONDS = 3.0
 """OBQ runs shorter than this are repeated (``repeats``) and the fastest kept."""
 
 
-def best_run(
-    call: Callable[[], LayerResult], repeats: int, min_seconds: float = 0.0, stop_above: float = math.inf
-) -> tuple[LayerResult, float]:
-    """Fastest of at least ``repeats`` calls, more until their seconds add up to ``min_seconds`` (at most
-    100 calls), fewer once a call takes ``stop_above`` seconds; with the largest peak-RSS increment (MB)
-    of a call over the RSS before it."""
-    best: LayerResult | None = None
-    peak, runs, spent = 0.0, 0, 0.0
-    while runs < repeats or (spent < min_seconds and runs < 100):
-        before = current_rss_mb()
-        r = call()
-        runs, spent = runs + 1, spent + r.seconds
-        peak = max(peak, r.peak_rss_mb - before)
-        if best is None or r.seconds < best.seconds:
-            best = r
-        if r.seconds >= stop_above:
-            break
-    assert best is not None
-    return best, peak
+def best_runs(
+    calls: dict[str, Callable[[], LayerResult]], repeats: int, min_seconds: float = 0.0,
+    stop_above: float = math.inf,
+) -> dict[str, tuple[LayerResult, float]]:
+    """Fastest result per label, the calls taking turns: each round makes every call once, so a slow spell of
+    this shared virtual machine (runs here drift by 10-20 % for seconds at a time) hits them all alike instead
+    of whichever one it falls on. At least ``repeats`` rounds, more until the slowest call's seconds add up
+    to ``min_seconds`` (at most 100 rounds), none after a call took ``stop_above`` seconds. With each
+    result, the largest peak-RSS increment of its label's calls over the RSS before them (MB)."""
+    best: dict[str, LayerResult] = {}
+    peak = dict.fromkeys(calls, 0.0)
+    spent = dict.fromkeys(calls, 0.0)
+    rounds, slow = 0, False
+    while not slow and (rounds < repeats or (max(spent.values()) < min_seconds and rounds < 100)):
+        for label, call in calls.items():
+            before = current_rss_mb()
+            r = call()
+            spent[label] += r.seconds
+            peak[label] = max(peak[label], r.peak_rss_mb - before)
+            if label not in best or r.seconds < best[label].seconds:
+                best[label] = r
+            slow = slow or r.seconds >= stop_above
+        rounds += 1
+    return {label: (r, peak[label]) for label, r in best.items()}
 
 
 def obq_estimate(
@@ -161,8 +167,8 @@ def obq_estimate(
     if max_rows and d_col >= LARGE_D_COL:
         k = min(k, max_rows)
     with obq_variant(outliers=True):
-        r, peak = best_run(lambda: quantize_layer(w[:, :k], h, base.replace(method="obq"), name=name), repeats,
-                           stop_above=OBQ_REPEAT_SECONDS)
+        r, peak = best_runs({"obq": lambda: quantize_layer(w[:, :k], h, base.replace(method="obq"), name=name)},
+                            repeats, stop_above=OBQ_REPEAT_SECONDS)["obq"]
     if k == d_row:
         return OBQEstimate(r, k, r.seconds, peak, False)
     if rtn_seconds is None:
@@ -204,41 +210,17 @@ MIN_TIMED_SECONDS = 0.5
 moved by +-20 % between identical runs here, more than the differences being measured."""
 
 
-def run_methods(
-    w: torch.Tensor, h: torch.Tensor, configs: dict[str, QuantConfig], name: str, repeats: int
-) -> dict[str, LayerResult]:
-    """Best `quantize_layer` call per method, the methods taking turns: each round calls every method once,
-    so a slow spell of this shared virtual machine (runs here drift by 10-20 % for seconds at a time) hits
-    them all alike instead of whichever method it falls on. At least ``repeats`` rounds, more until the
-    slowest method's calls add up to `MIN_TIMED_SECONDS` (at most 100). Each result's ``peak_rss_mb`` is the
-    largest increment of a call over the RSS before it."""
-    best: dict[str, LayerResult] = {}
-    peak = dict.fromkeys(configs, 0.0)
-    spent = dict.fromkeys(configs, 0.0)
-    rounds = 0
-    while rounds < repeats or (max(spent.values()) < MIN_TIMED_SECONDS and rounds < 100):
-        for label, config in configs.items():
-            before = current_rss_mb()
-            r = quantize_layer(w, h, config, name=name)
-            spent[label] += r.seconds
-            peak[label] = max(peak[label], r.peak_rss_mb - before)
-            if label not in best or r.seconds < best[label].seconds:
-                best[label] = r
-        rounds += 1
-    for label, r in best.items():
-        r.peak_rss_mb = peak[label]
-    return best
-
-
 def bench_layer(name: str, same: list[str], module: nn.Module, h: torch.Tensor, args: argparse.Namespace) -> LayerBench:
     w = weight_matrix(module).detach()  # [G, d_row/G, d_col]
     g, d_row, d_col = w.shape
     b = LayerBench(name, same, d_row * g, d_col, g)
     base = QuantConfig(bits=args.bits, progress=False, obq_memory_mb=args.obq_memory_mb)
-    results = run_methods(w, h, {label: base.replace(**changes) for label, changes in METHODS.items()}, name,
-                          args.repeats)
-    for label, r in results.items():
-        b.seconds[label], b.peak_mb[label], b.error[label] = r.seconds, r.peak_rss_mb, r.error
+    calls = {label: partial(quantize_layer, w, h, base.replace(**changes), name=name)
+             for label, changes in METHODS.items()}
+    timed = best_runs(calls, args.repeats, min_seconds=MIN_TIMED_SECONDS)
+    results = {label: r for label, (r, _) in timed.items()}
+    for label, (r, peak) in timed.items():
+        b.seconds[label], b.peak_mb[label], b.error[label] = r.seconds, peak, r.error
     est = obq_estimate(w, h, base, name, args.obq_max_rows, rtn_seconds=b.seconds["rtn"], repeats=args.repeats)
     b.peak_mb["obq"], b.obq_rows, b.obq_extrapolated = est.peak_mb, est.rows * g, est.extrapolated
     b.seconds["obq"] = est.seconds

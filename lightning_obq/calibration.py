@@ -48,13 +48,50 @@ def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return batch
 
 
+def flat_output(out: Any) -> torch.Tensor:
+    """All floating tensors of a model output, flattened and concatenated."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().float().reshape(-1) if out.is_floating_point() else torch.empty(0)
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, list | tuple):
+        parts = [flat_output(o) for o in out]
+        return torch.cat(parts) if parts else torch.empty(0)
+    return torch.empty(0)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """The batch with every tensor moved to ``device``."""
     return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
-def _truncate(batch: Any, n: int) -> Any:
-    return _map_tensors(batch, lambda t: t[:n] if t.dim() > 0 else t)
+def _slice(batch: Any, start: int, stop: int | None = None) -> Any:
+    return _map_tensors(batch, lambda t: t[start:stop] if t.dim() > 0 else t)
+
+
+def split_batches(batches: Sequence[Any], tail_samples: int) -> tuple[list[Any], list[Any]]:
+    """``batches`` cut in two: the last ``tail_samples`` samples and everything before them.
+
+    A batch that straddles the cut is sliced, so the two parts never share a sample. Returns
+    ``(head, tail)``.
+    """
+    sizes = [batch_size(b) for b in batches]
+    cut = sum(sizes) - tail_samples
+    if not 0 < cut < sum(sizes):
+        raise ValueError(f"cannot hold back {tail_samples} of {sum(sizes)} samples and keep some of both")
+    head: list[Any] = []
+    tail: list[Any] = []
+    seen = 0
+    for batch, n in zip(batches, sizes, strict=True):
+        if seen + n <= cut:
+            head.append(batch)
+        elif seen >= cut:
+            tail.append(batch)
+        else:
+            head.append(_slice(batch, 0, cut - seen))
+            tail.append(_slice(batch, cut - seen))
+        seen += n
+    return head, tail
 
 
 def draw_batches(calibration: Iterable[Any], max_samples: int) -> list[Any]:
@@ -80,7 +117,7 @@ def draw_batches(calibration: Iterable[Any], max_samples: int) -> list[Any]:
         if n == 0:
             continue
         if seen + n > max_samples:
-            batch, n = _truncate(batch, max_samples - seen), max_samples - seen
+            batch, n = _slice(batch, 0, max_samples - seen), max_samples - seen
         batches.append(batch)
         seen += n
         if seen >= max_samples:

@@ -16,7 +16,9 @@ GRANULARITIES = ("channel", "tensor", "group")
 RANGE_SEARCHES = ("minmax", "mse")
 DAMP_MODES = ("absolute", "relative")
 CALIBRATION_MODES = ("one_pass", "sequential")
+BN_MODES = ("auto", "keep", "reestimate", "correct")
 DEFAULT_ORDER = {"fastobq": "sensi_dyn", "gptq": "none", "obq": None, "rtn": None}
+DEFAULT_REFINE_SWEEPS = {"fastobq": 4, "gptq": 0, "obq": 0, "rtn": 0}
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
     "Conv1d": nn.Conv1d,
@@ -64,6 +66,10 @@ class QuantConfig:
             ``"relative"`` adds ``damp * mean(diag(H))`` (GPTQ style, e.g. 0.01).
         block_size: columns per lazy block update in fastobq/gptq (speed only: results differ by float rounding).
             32 was fastest on this project's CPU benchmarks (GPTQ's reference uses 128 on GPUs).
+        refine_sweeps: most sweeps of the refinement stage after the column-parallel solve of fastobq/gptq
+            (block coordinate descent over the columns on the undamped layer objective, then a closed-form
+            refit of the scales; `solvers.refine_solution`); sweeps stop early once one gains under 0.1 %.
+            ``None`` picks the method's default (fastobq 4, gptq 0: plain GPTQ stays the baseline); 0 is off.
         obq_memory_mb: memory budget for the batch of per-row inverse Hessians of ``obq``.
         calibration: ``"one_pass"`` (all Hessians from the FP model) or ``"sequential"`` (each layer
             sees the outputs of already quantized predecessors).
@@ -77,7 +83,19 @@ class QuantConfig:
         include / exclude: ``fnmatch`` patterns on module names (``"layer4.*"``); a layer is
             quantized if it matches an include pattern (all by default) and no exclude pattern.
         layer_types: which module kinds to quantize, by name (``"Linear"``, ``"Conv1d"``, ...).
-        reestimate_bn: reset and re-estimate BatchNorm running statistics after quantizing.
+        bn_mode: what happens to BatchNorm running statistics after quantizing. ``"keep"`` leaves the trained
+            statistics; ``"reestimate"`` resets and re-estimates them on the calibration data (the paper's
+            step, which replaces good statistics with bad ones when the calibration set is small or not
+            drawn from the training data); ``"correct"`` keeps the trained variances and shifts each running
+            mean by the change of that BatchNorm's input mean that quantization caused on the calibration
+            data (empirical bias correction); ``"auto"`` (default) holds back part of the calibration
+            data, tries every other mode and keeps the one whose outputs are closest to the FP model's on
+            the held-back samples (see `lightning_obq.batchnorm`), so it can never do worse there than
+            ``"keep"``. A model without BatchNorm does no extra work.
+        reestimate_bn: the older spelling: ``True`` means ``bn_mode="reestimate"``, ``False`` ``"keep"``.
+        bn_holdout: share of the calibration samples ``bn_mode="auto"`` holds back to measure the candidates
+            (at most ``bn_holdout_samples`` of them); the candidates are fitted on the rest.
+        bn_holdout_samples: cap on the held-back samples.
         budget: mixed precision: target average bits per quantized weight (e.g. 3.5). Each layer gets one
             of ``candidate_bits`` so that the predicted model loss is least within the budget; ``bits``
             is then only the reference width for the uniform comparison in the report.
@@ -99,6 +117,7 @@ class QuantConfig:
     damp: float = 0.1
     damp_mode: str = "absolute"
     block_size: int = 32
+    refine_sweeps: int | None = None
     obq_memory_mb: float = 1024.0
     calibration: str = "one_pass"
     calib_samples: int = 2048
@@ -107,7 +126,10 @@ class QuantConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     layer_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-    reestimate_bn: bool = True
+    bn_mode: str = "auto"
+    reestimate_bn: bool | None = None
+    bn_holdout: float = 0.25
+    bn_holdout_samples: int = 256
     progress: bool = True
     budget: float | None = None
     budget_mb: float | None = None
@@ -126,15 +148,22 @@ class QuantConfig:
             _check_choice("order", self.order, GPTQ_ORDERS)
         else:
             raise ValueError(f"QuantConfig.order={self.order!r} has no meaning for method={self.method!r}")
-        for name in ("symmetric", "reestimate_bn", "progress"):
+        for name in ("symmetric", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_batchnorm()
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_number("group_size", self.group_size, 1, 1 << 30, integer=True)
         _check_choice("range_search", self.range_search, RANGE_SEARCHES)
         _check_number("damp", self.damp, 0.0, float("inf"))
         _check_choice("damp_mode", self.damp_mode, DAMP_MODES)
         _check_number("block_size", self.block_size, 1, 1 << 20, integer=True)
+        if self.refine_sweeps is None:
+            self.refine_sweeps = DEFAULT_REFINE_SWEEPS[self.method]
+        _check_number("refine_sweeps", self.refine_sweeps, 0, 1000, integer=True)
+        if self.refine_sweeps and self.method not in ("fastobq", "gptq"):
+            raise ValueError(f"QuantConfig.refine_sweeps={self.refine_sweeps!r} has no meaning for "
+                             f"method={self.method!r} (only fastobq and gptq refine)")
         _check_number("obq_memory_mb", self.obq_memory_mb, 1.0, float("inf"))
         _check_choice("calibration", self.calibration, CALIBRATION_MODES)
         _check_number("calib_samples", self.calib_samples, 1, 1 << 40, integer=True)
@@ -148,6 +177,21 @@ class QuantConfig:
         for kind in self.layer_types:
             _check_choice("layer_types", kind, list(LAYER_TYPES))
         self._check_mixed_precision()
+
+    def _check_batchnorm(self) -> None:
+        if self.reestimate_bn is not None:
+            if not isinstance(self.reestimate_bn, bool):
+                raise TypeError(f"QuantConfig.reestimate_bn must be a bool or None, got {self.reestimate_bn!r}")
+            legacy = "reestimate" if self.reestimate_bn else "keep"
+            if self.bn_mode not in ("auto", legacy):
+                raise ValueError(f"QuantConfig.reestimate_bn={self.reestimate_bn} contradicts "
+                                 f"bn_mode={self.bn_mode!r}: set only bn_mode")
+            self.bn_mode, self.reestimate_bn = legacy, None
+        _check_choice("bn_mode", self.bn_mode, BN_MODES)
+        _check_number("bn_holdout", self.bn_holdout, 0.0, 1.0)
+        if not 0 < self.bn_holdout < 1:
+            raise ValueError(f"QuantConfig.bn_holdout={self.bn_holdout!r} must be strictly between 0 and 1")
+        _check_number("bn_holdout_samples", self.bn_holdout_samples, 1, 1 << 40, integer=True)
 
     def _check_mixed_precision(self) -> None:
         if isinstance(self.candidate_bits, int) or not isinstance(self.candidate_bits, Sequence):
@@ -195,6 +239,10 @@ class QuantConfig:
         """A validated copy with some fields changed (the order is re-derived when the method changes)."""
         if "method" in changes and "order" not in changes:
             changes["order"] = None
+        if "method" in changes and "refine_sweeps" not in changes:
+            changes["refine_sweeps"] = None
+        if "reestimate_bn" in changes and "bn_mode" not in changes:
+            changes["bn_mode"] = "auto"  # the older spelling decides
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

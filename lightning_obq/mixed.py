@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .batchnorm import batchnorm_layers, reestimate_batchnorm
-from .calibration import ForwardFn, default_forward, model_device, to_device
+from .batchnorm import batchnorm_layers
+from .calibration import ForwardFn, default_forward, flat_output, model_device, to_device
 
 
 @dataclass
@@ -95,39 +95,27 @@ def pinned_bits(name: str, pins: Mapping[str, int]) -> int | None:
     return None
 
 
-def _flat_output(out: Any) -> torch.Tensor:
-    """All floating tensors of a model output, flattened and concatenated."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().float().reshape(-1) if out.is_floating_point() else torch.empty(0)
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, list | tuple):
-        parts = [_flat_output(o) for o in out]
-        return torch.cat(parts) if parts else torch.empty(0)
-    return torch.empty(0)
-
-
 def _output_change(
     model: nn.Module,
     swaps: Mapping[nn.Module, torch.Tensor],
     batches: Sequence[Any],
     reference: Sequence[torch.Tensor],
     forward: ForwardFn,
-    bn_batches: Sequence[Any] | None = None,
+    settle: Callable[[], Any] | None = None,
 ) -> float:
     """Mean squared change of the model output with each module's weight swapped in.
 
-    With ``bn_batches`` the BatchNorm statistics are first re-estimated on them, as `quantize_model`
-    does for the final model. Weights and BN buffers are restored afterwards.
+    ``settle()``, if given, runs after the swap (the BatchNorm step `quantize_model` gives the final
+    model). Weights and BN buffers are restored afterwards.
     """
     originals = {m: m.weight.detach().clone() for m in swaps}
-    bn_state = [(m, copy.deepcopy(m.state_dict())) for m in batchnorm_layers(model)] if bn_batches else []
+    bn_state = [(m, copy.deepcopy(m.state_dict())) for m in batchnorm_layers(model)] if settle else []
     try:
         for module, weight in swaps.items():
             module.weight.data.copy_(weight)
-        if bn_batches:
-            reestimate_batchnorm(model, bn_batches, forward)
-        diff = sum(float((_flat_output(forward(model, b)) - r).pow(2).sum())
+        if settle is not None:
+            settle()
+        diff = sum(float((flat_output(forward(model, b)) - r).pow(2).sum())
                    for b, r in zip(batches, reference, strict=True))
     finally:
         for module, weight in originals.items():
@@ -143,24 +131,22 @@ def output_changes(
     assignments: Sequence[Mapping[str, torch.Tensor]],
     batches: Sequence[Any],
     forward_fn: ForwardFn | None = None,
-    bn_batches: Sequence[Any] | None = None,
+    settle: Callable[[], Any] | None = None,
 ) -> list[float]:
     """Mean squared model-output change for each assignment of quantized weights (layer name -> weight).
 
     This is the measured counterpart of the predicted loss: all layers of an assignment are swapped in
-    together, so interactions the additive prediction ignores are included, and with ``bn_batches``
-    BatchNorm statistics are re-estimated on them for each assignment, as the final model's are (pass
-    the full calibration set: re-estimating on fewer samples adds noise of its own). The model is left
-    as it was.
+    together, so interactions the additive prediction ignores are included, and ``settle()`` (if given)
+    runs after each swap, so each assignment gets the BatchNorm step the final model would get. The
+    model is left as it was.
     """
     forward = forward_fn or default_forward
     device = model_device(model)
     batches = [to_device(b, device) for b in batches]
-    bn_batches = [to_device(b, device) for b in bn_batches] if bn_batches else None
     with torch.no_grad():
-        reference = [_flat_output(forward(model, b)) for b in batches]
-        return [_output_change(model, {layers[n]: w for n, w in a.items()}, batches, reference, forward,
-                               bn_batches) for a in assignments]
+        reference = [flat_output(forward(model, b)) for b in batches]
+        return [_output_change(model, {layers[n]: w for n, w in a.items()}, batches, reference, forward, settle)
+                for a in assignments]
 
 
 def output_gains(

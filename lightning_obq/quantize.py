@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .batchnorm import reestimate_batchnorm
+from .batchnorm import BatchNormPlan, BatchNormSync, plan_batchnorm, settle_batchnorm
 from .calibration import ForwardFn, batch_size, draw_batches, run_batches
 from .config import QuantConfig
 from .hessian import HessianAccumulator, layer_groups, weight_matrix
@@ -49,6 +49,10 @@ def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
             f"{type(model).__name__} has no layer to quantize (layer_types={list(config.layer_types)}, "
             f"include={list(config.include)}, exclude={list(config.exclude)})"
         )
+    for pattern in config.pin:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            shown = ", ".join(list(layers)[:8]) + (", ..." if len(layers) > 8 else "")
+            raise ValueError(f"QuantConfig.pin pattern {pattern!r} matches no layer to quantize ({shown})")
     for name, module in layers.items():
         if not torch.isfinite(module.weight).all():
             raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
@@ -159,13 +163,16 @@ def quantize_model(
     forward_fn: ForwardFn | None = None,
     hessian_reducer: HessianReducer | None = None,
     layer_solver: LayerSolver | None = None,
+    batchnorm_sync: BatchNormSync | None = None,
 ) -> QuantReport:
     """Quantize every selected Conv/Linear layer of ``model`` in place and report what happened.
 
     ``calibration`` is a DataLoader or any iterable of tensors, tuples/lists (first item is the input)
     or dicts (an ``input``/``image``/``x``-like key); ``forward_fn(model, batch)`` runs anything else.
     Up to ``config.calib_samples`` samples are drawn once and reused by every pass. The model runs on
-    its own device, in eval mode; BatchNorm statistics are re-estimated afterwards unless disabled.
+    its own device, in eval mode. BatchNorm statistics are then handled as ``config.bn_mode`` says
+    (default ``"auto"``: kept, bias-corrected or re-estimated, whichever measures closest to the FP
+    model on held-back calibration samples; `lightning_obq.batchnorm`); ``report.batchnorm`` says which.
 
     If anything fails, every parameter and buffer is restored and the error propagates: the model is
     never left half-quantized.
@@ -179,6 +186,8 @@ def quantize_model(
     - ``layer_solver(names, weights, hessians, config)`` replaces the per-layer `quantize_layer` calls
       for a chunk of layers (all layers at once in one-pass mode, one in sequential mode) and returns one
       `LayerResult` per name, in order (for example solving each layer on one process and broadcasting).
+    - ``batchnorm_sync`` (`lightning_obq.batchnorm.BatchNormSync`) makes BatchNorm statistics and the
+      ``auto`` decision global over processes.
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
@@ -195,11 +204,14 @@ def quantize_model(
     try:
         model.eval()
         with measure(device, reset_peak=True) as total:
-            _calibrate_and_solve(model, layers, batches, config, forward_fn, report, hessian_reducer, layer_solver)
-            if config.reestimate_bn:
-                with measure(device, reset_peak=False) as bn:
-                    reestimate_batchnorm(model, batches, forward_fn)
-                report.bn_seconds = bn.seconds
+            with measure(device, reset_peak=False) as bn_plan:
+                plan = plan_batchnorm(model, batches, config.bn_mode, forward_fn, config.bn_holdout,
+                                      config.bn_holdout_samples, batchnorm_sync)
+            _calibrate_and_solve(model, layers, batches, config, forward_fn, report, plan, hessian_reducer,
+                                 layer_solver)
+            with measure(device, reset_peak=False) as bn:
+                report.batchnorm = settle_batchnorm(model, plan, forward_fn)
+            report.bn_seconds = bn_plan.seconds + bn.seconds
     except BaseException:
         model.load_state_dict(backup)
         _restore_modes(modes)
@@ -226,6 +238,7 @@ def _calibrate_and_solve(
     config: QuantConfig,
     forward_fn: ForwardFn | None,
     report: QuantReport,
+    bn_plan: BatchNormPlan,
     hessian_reducer: HessianReducer | None = None,
     layer_solver: LayerSolver | None = None,
 ) -> None:
@@ -282,12 +295,12 @@ def _calibrate_and_solve(
             for name in chunk:
                 samples[name] = accs.pop(name).samples
                 if config.calibration == "sequential":
-                    _write_weight(ordered[name], candidates[name][config.bits])
+                    _write_weight(ordered[name], candidates[name][widths[name][0]])
     finally:
         bar.close()
-    chosen = {n: config.bits for n in ordered}
+    chosen = {n: widths[n][0] for n in ordered}  # uniform: `bits`, or the layer's pin
     if config.mixed_precision:
-        chosen = _allocate(model, ordered, candidates, batches, config, forward_fn, report)
+        chosen = _allocate(model, ordered, candidates, batches, config, forward_fn, report, bn_plan)
     for name, module in ordered.items():
         result = candidates[name][chosen[name]]
         report.results[name] = result
@@ -306,12 +319,12 @@ def _write_weight(module: nn.Module, result: LayerResult) -> None:
 
 
 def _candidate_widths(name: str, config: QuantConfig) -> list[int]:
-    """Bit widths to solve a layer at: the config's, or every candidate (or its pin) under a budget."""
-    if not config.mixed_precision:
-        return [config.bits]
+    """Bit widths to solve a layer at: its pin, else the config's, or every candidate under a budget."""
     pinned = pinned_bits(name, config.pin)
     if pinned is not None:
         return [pinned]
+    if not config.mixed_precision:
+        return [config.bits]
     widths = set(config.candidate_bits)
     widths.add(config.bits)  # the reference width: gains and the uniform comparison use it
     return sorted(widths)
@@ -325,12 +338,13 @@ def _allocate(
     config: QuantConfig,
     forward_fn: ForwardFn | None,
     report: QuantReport,
+    bn_plan: BatchNormPlan,
 ) -> dict[str, int]:
     """Per-layer bits minimising the predicted output loss within the config's budget (see `mixed`).
 
     The winner is then checked against uniform ``config.bits`` (when that fits the budget) by measuring
-    both on the sensitivity batches with all layers quantized together (and BatchNorm re-estimated on
-    the calibration batches first when the config re-estimates it, as for the final model); if uniform
+    both on the sensitivity batches with all layers quantized together (after the same BatchNorm step as
+    the final model gets, ``bn_plan``); if uniform
     changes the model output less, uniform is kept, so a budget never ends worse than uniform there.
     """
     sensitivity_batches = draw_batches(batches, config.sensitivity_samples)
@@ -368,7 +382,7 @@ def _allocate(
     if uniform is not None and uniform != chosen and sum(sizes[n][b] for n, b in uniform.items()) <= budget_bits:
         mixed_change, uniform_change = output_changes(
             model, layers, [{n: _shaped(layers[n], candidates[n][b]) for n, b in c.items()} for c in (chosen, uniform)],
-            sensitivity_batches, forward_fn, bn_batches=batches if config.reestimate_bn else None,
+            sensitivity_batches, forward_fn, settle=lambda: settle_batchnorm(model, bn_plan, forward_fn),
         )
         measured = {"measured_loss": mixed_change, "uniform_measured_loss": uniform_change}
         if uniform_change < mixed_change:

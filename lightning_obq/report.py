@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .batchnorm import describe_batchnorm
 from .layer import LayerResult
 
 
@@ -45,7 +46,9 @@ class QuantReport:
     ``allocation`` is set under a mixed-precision budget: the chosen bits, gain and predicted loss of
     every layer, the achieved average bits and size, the predicted loss of uniform ``bits`` (pinned layers
     at their pin), and, when that uniform model fits the budget, the measured output change of both, with
-    ``kept_uniform`` set when uniform measured better and was kept.
+    ``kept_uniform`` set when uniform measured better and was kept. ``batchnorm`` says what the BatchNorm
+    step did: the mode asked, the one chosen and, under ``auto``, every candidate's held-back fidelity
+    (`lightning_obq.batchnorm.settle_batchnorm`).
     """
 
     config: dict[str, Any]
@@ -62,6 +65,7 @@ class QuantReport:
     quant_size_mb: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     allocation: dict[str, Any] | None = None
+    batchnorm: dict[str, Any] = field(default_factory=dict)
     results: dict[str, LayerResult] = field(default_factory=dict, repr=False)
 
     @property
@@ -114,6 +118,8 @@ class QuantReport:
                     f"W{a['uniform_bits']} {a['uniform_measured_loss']:.4g}"
                     + (f" -> kept uniform W{a['uniform_bits']}" if a["kept_uniform"] else "")
                 )
+        if self.batchnorm:
+            lines.append(describe_batchnorm(self.batchnorm))
         if self.skipped:
             lines.append(f"skipped (no calibration input): {', '.join(self.skipped)}")
         for key, value in sorted(self.metrics.items()):

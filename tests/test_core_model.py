@@ -148,7 +148,7 @@ def test_sequential_mode_and_memory_chunking() -> None:
 def test_batchnorm_statistics_are_re_estimated() -> None:
     x = images()
     model = small_cnn()
-    quantize_model(model, [x[:32], x[32:]], QuantConfig(progress=False))
+    quantize_model(model, [x[:32], x[32:]], QuantConfig(bn_mode="reestimate", progress=False))
     feats = model[0](x)
     assert torch.allclose(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5)
     # A cumulative average over the two batches of each batch's (unbiased) variance.

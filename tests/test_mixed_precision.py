@@ -205,7 +205,7 @@ def test_measured_output_change_with_bn_reestimation_leaves_the_model_as_it_was(
     layers = {"0": model[0], "4": model[4]}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     shifted = {n: m.weight.detach() + 0.05 for n, m in layers.items()}
-    plain, with_bn = (output_changes(model, layers, [shifted], calibration(), bn_batches=bn)[0]
-                      for bn in (None, calibration()))
+    plain, with_bn = (output_changes(model, layers, [shifted], calibration(), settle=settle)[0]
+                      for settle in (None, lambda: reestimate_batchnorm(model, calibration())))
     assert plain > 0 and with_bn > 0 and with_bn != plain  # re-estimated BN absorbs part of the shift
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

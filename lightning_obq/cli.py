@@ -41,7 +41,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import kernels
-from .config import DEFAULT_ORDER, METHODS, ORDERS, QuantConfig
+from .config import BN_MODES, DEFAULT_ORDER, METHODS, ORDERS, QuantConfig
 from .data import fashion_mnist, image_folder, subset
 from .hessian import weight_matrix
 from .models import ImageClassifier, SmallResNet
@@ -229,6 +229,8 @@ def job_row(job: Job, key: str, report: QuantReport | None, status: str = "ok",
         "samples": report.samples,
         "size_mb": report.quant_size_mb,
         "average_bits": report.allocation["average_bits"] if report.allocation else float(job.bits),
+        "bn": report.batchnorm.get("chosen"),
+        "batchnorm": report.batchnorm,
     })
     return row
 
@@ -236,7 +238,7 @@ def job_row(job: Job, key: str, report: QuantReport | None, status: str = "ok",
 def format_table(rows: Sequence[dict[str, Any]], fp_accuracy: float | None, metric: str = "accuracy") -> str:
     """The printed comparison: FP first, then one line per job."""
     head = (f"{'method':<22} {'bits':>4} {metric:>9} {'vs FP':>7} {'top-1 agree':>11} {'KL':>9} "
-            f"{'seconds':>8} {'peak MB':>8}")
+            f"{'seconds':>8} {'peak MB':>8} {'BN':>10}")
     lines = [head, "-" * len(head)]
     if fp_accuracy is not None:
         lines.append(f"{'FP32':<22} {32:>4} {100 * fp_accuracy:>8.2f}% {'':>7} {'':>11} {'':>9} {'':>8} {'':>8}")
@@ -253,7 +255,12 @@ def format_table(rows: Sequence[dict[str, Any]], fp_accuracy: float | None, metr
             + (f"{100 * acc:>8.2f}% " if acc is not None else f"{'-':>9} ")
             + (f"{delta:>+7.2f} " if delta is not None else f"{'-':>7} ")
             + f"{100 * r['top1_agreement']:>10.2f}% {r['kl_div']:>9.5f} {r['seconds']:>8.2f} {r['peak_rss_mb']:>8.0f}"
+            + f" {r.get('bn') or '-':>10}"
         )
+    modes = sorted({r["batchnorm"]["mode"] for r in rows if r.get("batchnorm")})
+    if modes:
+        lines.append(f"BN: the BatchNorm statistics each run ended with (bn_mode {', '.join(modes)}; auto keeps, "
+                     "bias-corrects or re-estimates them, whichever is closest to FP on held-back calibration images)")
     return "\n".join(lines)
 
 
@@ -362,7 +369,7 @@ def run_default(args: argparse.Namespace) -> int:
     dm.setup()
     calib_loader = dm.calibration_dataloader()
     evaluation = dm.val_dataloader()
-    base = QuantConfig(bits=args.bits, calib_samples=args.calib_samples, progress=progress)
+    base = QuantConfig(bits=args.bits, calib_samples=args.calib_samples, bn_mode=args.bn_mode, progress=progress)
     jobs = default_jobs(args.bits, obq=not args.no_obq)
     sweep = [b for b in _int_list(args.sweep_bits, "--sweep-bits") if b != args.bits]
     jobs += [j for b in sweep for j in default_jobs(b, obq=False)]
@@ -570,7 +577,7 @@ def _prepare(args: argparse.Namespace) -> tuple[L.LightningModule, nn.Module, st
 def _base_config(args: argparse.Namespace, progress: bool, module: nn.Module, net: nn.Module) -> QuantConfig:
     """Settings shared by every job; ``--skip`` patterns name layers of the network as the user knows it."""
     prefix = "" if net is module else next(name for name, m in module.named_modules() if m is net) + "."
-    return QuantConfig(bits=4, calib_samples=args.calib_samples, granularity=args.granularity,
+    return QuantConfig(bits=4, calib_samples=args.calib_samples, bn_mode=args.bn_mode, granularity=args.granularity,
                        symmetric=args.symmetric, progress=progress, exclude=tuple(prefix + p for p in args.skip))
 
 
@@ -698,6 +705,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of data subsets and training (default 0)")
     p.add_argument("--batch-size", type=int, default=256, help="loader batch size (default 256)")
     p.add_argument("--calib-samples", type=int, default=2048, help="calibration images (default 2048)")
+    p.add_argument("--bn-mode", default="auto", choices=list(BN_MODES),
+                   help="BatchNorm statistics after quantizing (default auto: keep, correct or re-estimate, "
+                        "whichever measures closest to the FP model on held-back calibration images)")
     p.add_argument("--no-wandb", action="store_true", help="do not write the offline W&B run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is much faster when other jobs share the CPU")

@@ -20,11 +20,12 @@ How it works with Ultralytics:
   ``quantize_dfl=True``. The model is quantized *unfused*, with its BatchNorm layers. Fusing
   afterwards (``model.fuse()``, which inference does on its model) folds BN into each conv by a
   per-output-channel scale, so a per-channel grid stays a grid.
-- BatchNorm statistics are kept by default (``reestimate_bn=False``), unlike the core default: the
-  trained running statistics of a YOLO model come from its mosaic-augmented training distribution, and
-  re-estimating them on a few hundred letterboxed calibration images costs more mAP than quantization
-  itself (measured on YOLOv8n: W8 RTN mAP50 0.598 with the trained statistics, 0.531 re-estimated; FP
-  0.596). Pass ``reestimate_bn=True`` to re-estimate (useful when calibration images match training).
+- BatchNorm follows the core default, ``bn_mode="auto"``: the trained running statistics of a YOLO model
+  come from its mosaic-augmented training distribution, and re-estimating them on a few hundred
+  letterboxed calibration images can cost more mAP than quantization itself, so the candidates (keep,
+  bias-correct, re-estimate) are measured on held-back calibration images by the mean squared change of
+  the detection head's outputs against the FP model, and the closest wins (`lightning_obq.batchnorm`).
+  ``bn_mode="keep"`` or ``"reestimate"`` force one.
 - ``YOLO.val`` and ``YOLO.predict`` fuse the model they run (Ultralytics releases before 8.4 did so in
   place), so every evaluation here runs on a deep copy: the FP model is measured before quantization
   and the quantized one after, and the returned model is still unfused.
@@ -269,7 +270,6 @@ def quantize_yolo(
         device: where to calibrate, solve and validate (``"cpu"``, ``"cuda:0"`` or Ultralytics' ``"0"``);
             default: where the model is.
         config_fields: any other `QuantConfig` field (``damp=0.01``, ``granularity="group"``, ...).
-            ``reestimate_bn`` defaults to False here (see the module docs); a ``config`` keeps its own value.
 
     The model is never left half-quantized: if anything fails, its weights are restored and the error propagates.
     """
@@ -280,7 +280,6 @@ def quantize_yolo(
         raise TypeError(f"pass either config or QuantConfig fields, not both (got {sorted(config_fields)})")
     if config is not None:
         config = config.replace(calib_samples=calib_images)
-    config_fields.setdefault("reestimate_bn", False)
     cfg = _config(config, quantize_dfl, bits=bits, method=method, include=tuple(include), exclude=tuple(exclude),
                   calib_samples=calib_images, **config_fields)
     model = yolo.model

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS
+from .config import BN_MODES, METHODS
 
 
 def add_yolo_subcommand(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,6 +33,8 @@ def add_yolo_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", default=[], help="layer name patterns to skip")
     p.add_argument("--quantize-dfl", action="store_true", help="also quantize the fixed DFL conv")
     p.add_argument("--damp", type=float, default=None, help="Hessian damping (default: the config's)")
+    p.add_argument("--bn-mode", default="auto", choices=list(BN_MODES),
+                   help="BatchNorm statistics after quantizing (default auto: measured on held-back images)")
     p.add_argument("--device", default=None,
                    help="device for calibration and validation: cpu, cuda:0 or 0 (default: the model's)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP and quantized validation")
@@ -56,7 +58,7 @@ def run_yolo(args: argparse.Namespace) -> int:
         args.model, data=args.data, bits=args.bits, method=args.method, calib_images=args.calib_images,
         imgsz=args.imgsz, batch=args.batch, include=tuple(args.include), exclude=tuple(args.exclude),
         quantize_dfl=args.quantize_dfl, evaluate=not args.no_eval, wandb=args.wandb, seed=args.seed,
-        device=args.device, progress=False, **extra,
+        device=args.device, bn_mode=args.bn_mode, progress=False, **extra,
     )
     print(report.table())
     if report.metrics:

@@ -213,8 +213,18 @@ def test_include_exclude_and_dfl(tiny_yaml, det_data):
     after = {k: v.clone() for k, v in yolo.model.state_dict().items()}
     assert torch.equal(before["model.0.conv.weight"], after["model.0.conv.weight"])  # outside include: untouched
     assert not torch.equal(before["model.22.cv2.0.0.conv.weight"], after["model.22.cv2.0.0.conv.weight"])
-    # BatchNorm statistics are kept by default and re-estimated on request
-    assert torch.equal(before["model.22.cv2.0.0.bn.running_mean"], after["model.22.cv2.0.0.bn.running_mean"])
+    # BatchNorm: the default measures every candidate on held-back images (output MSE: a detector's
+    # outputs are not class scores); keep leaves the trained statistics; re-estimation on request
+    bn = report.batchnorm
+    assert bn["mode"] == "auto" and bn["metric"] == "output_mse" and set(bn["candidates"]) == {"keep", "correct",
+                                                                                                  "reestimate"}
+    assert bn["candidates"][bn["chosen"]]["output_mse"] == min(c["output_mse"] for c in bn["candidates"].values())
+    kept = YOLO(str(tiny_yaml))
+    kept.model.load_state_dict(before)
+    kept, _ = quantize_yolo(kept, data=det_data, bits=4, method="rtn", imgsz=IMGSZ, calib_images=8,
+                            include=("model.22.*",), bn_mode="keep", evaluate=False, progress=False)
+    assert torch.equal(before["model.22.cv2.0.0.bn.running_mean"],
+                       kept.model.state_dict()["model.22.cv2.0.0.bn.running_mean"])
     _, reest = quantize_yolo(yolo, data=det_data, method="rtn", imgsz=IMGSZ, calib_images=8,
                              include=("model.22.*",), reestimate_bn=True, evaluate=False, progress=False)
     assert reest.bn_seconds > 0

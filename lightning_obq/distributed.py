@@ -8,8 +8,10 @@ Every rank captures Hessians on its own shard of the calibration data; `Strategy
   and sample counts;
 - `solve_layers` solves each layer once, on one rank (layers are spread over ranks by their solver
   cost), and broadcasts the results, so every rank writes identical weights;
-- `sync_batchnorm` averages the re-estimated BatchNorm statistics over ranks, weighted by the number of
-  batches each rank saw, which equals a single-process re-estimation over all ranks' batches.
+- `batchnorm_sync` gives `quantize_model` the BatchNorm step's collectives (`BatchNormSync`): a float64
+  sum over ranks, which makes bias correction and ``bn_mode="auto"``'s held-back scores global, and
+  `sync_batchnorm`, which averages re-estimated BatchNorm statistics over ranks weighted by the number
+  of batches each rank saw (equal to a single-process re-estimation over all ranks' batches).
 
 Only the strategy's public collectives are used (``reduce``, ``broadcast``), so whatever Lightning runs
 (gloo on CPU, NCCL on GPUs, several nodes) works here. With one process every hook is a no-op.
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .batchnorm import batchnorm_layers
+from .batchnorm import BatchNormSync, batchnorm_layers
 from .config import QuantConfig
 from .hessian import HessianAccumulator, weight_matrix
 from .layer import LayerResult, quantize_layer
@@ -148,6 +150,13 @@ class StrategyHooks:
             m.running_var.copy_((stats[c : 2 * c] / total).to(m.running_var.dtype))
             m.num_batches_tracked.fill_(int(total.item()))
         return len(layers)
+
+    def batchnorm_sync(self) -> BatchNormSync | None:
+        """The `BatchNormSync` for `quantize_model` under DDP (``None`` with one process), so every rank
+        fits, scores and chooses the BatchNorm step on all ranks' calibration samples."""
+        if not self.active:
+            return None
+        return BatchNormSync(sum=self._sum, statistics=self.sync_batchnorm)
 
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each metric over ranks (Lightning's ``sync_dist`` semantics); keys must match on all ranks."""

@@ -9,7 +9,16 @@ Metric names (all floats, logged at the trainer's ``global_step``):
   ``obq/peak_rss_mb``, ``obq/cuda_peak_mb``;
 - size and error: ``obq/size_fp_mb``, ``obq/size_quant_mb``, ``obq/error``, ``obq/rtn_error``,
   ``obq/bits``, ``obq/layers``, ``obq/samples``;
-- per layer (optional): ``obq/layer/<name>/{error,rtn_error,seconds,bits}``.
+- per layer (optional): ``obq/layer/<name>/{error,rtn_error,seconds,bits}``;
+- BatchNorm step (`lightning_obq.batchnorm`): ``obq/bn/chosen`` as a numeric code (`BN_CODES`: 0 none in
+  the model, 1 keep, 2 correct, 3 reestimate), ``obq/bn/layers``, and under ``bn_mode="auto"`` every
+  candidate's held-back figures ``obq/bn/<candidate>/<metric>`` (``kl_div`` and ``top1_agreement``, or
+  ``output_mse``) with ``obq/bn/holdout_samples`` and ``obq/bn/fit_samples``. The mode asked and the
+  mode chosen also go to every logger as text hyperparameters ``obq/bn_mode`` and ``obq/bn_chosen``
+  (`batchnorm_hparams`: ``hparams.yaml`` of a `CSVLogger`, the run config of a `WandbLogger`).
+
+`OBQCallback` logs every task metric under ``obq/`` (the FP values as ``obq/fp/<name>``) so that no name
+is logged twice at one step next to the module's own ``self.log`` values; see its docstring.
 
 A `WandbLogger` also gets the ``obq/layers_table`` `wandb.Table` (one row per layer) and the
 ``obq/layer_error_plot`` bar chart of the layer errors.
@@ -19,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .report import QuantReport
@@ -60,6 +69,28 @@ def allocation_metrics(report: QuantReport) -> dict[str, float]:
     return {f"obq/mixed/{k}": float(a[k]) for k in keys if a.get(k) is not None}
 
 
+BN_CODES = {"none": 0, "keep": 1, "correct": 2, "reestimate": 3}
+"""Numeric code of the chosen BatchNorm mode in ``obq/bn/chosen`` ("none": the model has no BatchNorm)."""
+
+
+def batchnorm_metrics(report: QuantReport) -> dict[str, float]:
+    """The BatchNorm decision as ``obq/bn/...`` scalars: chosen-mode code, layer count, candidate figures."""
+    bn = report.batchnorm
+    if not bn:
+        return {}
+    out = {"obq/bn/chosen": float(BN_CODES[bn["chosen"]]), "obq/bn/layers": float(bn["layers"])}
+    for mode, scores in bn.get("candidates", {}).items():
+        out.update({f"obq/bn/{mode}/{metric}": float(value) for metric, value in scores.items()})
+    out.update({f"obq/bn/{k}": float(bn[k]) for k in ("holdout_samples", "fit_samples") if k in bn})
+    return out
+
+
+def batchnorm_hparams(report: QuantReport) -> dict[str, str]:
+    """The BatchNorm mode asked and chosen as text (``obq/bn_mode``, ``obq/bn_chosen``), for log_hyperparams."""
+    bn = report.batchnorm
+    return {"obq/bn_mode": str(bn["mode"]), "obq/bn_chosen": str(bn["chosen"])} if bn else {}
+
+
 def layer_metrics(report: QuantReport) -> dict[str, float]:
     """Per-layer ``obq/layer/<name>/{error,rtn_error,seconds,bits}`` metrics."""
     out: dict[str, float] = {}
@@ -87,6 +118,7 @@ def report_metrics(report: QuantReport, per_layer: bool = True) -> dict[str, flo
     """Everything logged as scalars: ``report.metrics`` (task and fidelity), totals, and per-layer stats."""
     metrics = {k: float(v) for k, v in report.metrics.items()}
     metrics.update(summary_metrics(report))
+    metrics.update(batchnorm_metrics(report))
     if per_layer:
         metrics.update(layer_metrics(report))
     return metrics
@@ -127,15 +159,23 @@ def log_wandb_extras(logger: Any, report: QuantReport, step: int) -> None:
 
 
 def log_report(loggers: Sequence[Any], report: QuantReport, step: int, per_layer: bool = True,
-               is_global_zero: bool = True) -> dict[str, float]:
+               is_global_zero: bool = True, metrics: Mapping[str, float] | None = None,
+               extras: bool = True) -> dict[str, float]:
     """Log a report to every logger (W&B extras on rank zero) and return the scalars logged.
 
-    Loggers handle rank zero themselves for scalars; the W&B table and plot are only made on rank zero.
+    ``metrics`` replaces the scalars (default: `report_metrics`), for callers that rename them; with
+    ``extras`` the BatchNorm hyperparameters go to every logger and the W&B table and plot to a
+    `WandbLogger`. Loggers handle rank zero themselves for scalars; the W&B table and plot are only
+    made on rank zero.
     """
-    metrics = report_metrics(report, per_layer)
+    metrics = dict(report_metrics(report, per_layer) if metrics is None else metrics)
+    hparams = batchnorm_hparams(report) if extras else {}
     for logger in loggers:
-        logger.log_metrics(metrics, step=step)
-        if is_global_zero and _is_wandb(logger):
+        if metrics:
+            logger.log_metrics(metrics, step=step)
+        if hparams:
+            logger.log_hyperparams(hparams)
+        if extras and is_global_zero and _is_wandb(logger):
             log_wandb_extras(logger, report, step)
         logger.save()
     return metrics

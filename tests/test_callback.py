@@ -44,11 +44,12 @@ def tiny_dataset(n: int = 256, seed: int = 0) -> TensorDataset:
 class TinyNet(pl.LightningModule):
     """Conv + BN + grouped conv + Linear classifier logging ``val_acc`` (torchmetrics) and ``val_loss``.
 
-    ``fail_on_validation_call=k`` makes the k-th call of ``validation_step`` (1-based) raise, to test how
-    the callback handles an evaluation that breaks half-way.
+    ``fail_on_validation_call=k`` makes the k-th call of ``validation_step`` (1-based, counted on the object
+    that runs it) raise, and ``fail_when_quantized`` makes it raise once the head's weights are on a 4-bit
+    grid, to test how the callback handles an evaluation that breaks.
     """
 
-    def __init__(self, fail_on_validation_call: int = 0, lr: float = 1e-2) -> None:
+    def __init__(self, fail_on_validation_call: int = 0, lr: float = 1e-2, fail_when_quantized: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
@@ -73,6 +74,8 @@ class TinyNet(pl.LightningModule):
         self.validation_calls += 1
         if self.validation_calls == self.hparams.fail_on_validation_call:
             raise RuntimeError("validation exploded")
+        if self.hparams.fail_when_quantized and max(r.unique().numel() for r in self.head.weight) <= 16:
+            raise RuntimeError("validation exploded on the quantized model")
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
@@ -487,26 +490,26 @@ def test_module_without_conv_or_linear(tmp_path: Path) -> None:
 
 
 def test_failing_validation_before_and_after_quantization(tmp_path: Path) -> None:
-    # call 1: fit's validation; call 2: FP evaluation -> raises before anything is quantized
+    # the callback evaluates copies of the module: the module's own counter only sees fit's validation
     pl.seed_everything(0)
-    model, keep, cb = TinyNet(fail_on_validation_call=4), KeepFP(), OBQCallback(bits=4, calib_samples=64)
-    trainer = make_trainer(tmp_path, [keep, cb], max_epochs=1, limit_val_batches=1)
-    # limit_val_batches=1: validation calls are 1 (fit), 2 (FP eval), 3 (quantized eval) -> 4 never raises,
-    # so first check that a healthy run passes with this layout, then make the quantized evaluation raise
-    trainer.fit(model, train_loader(64), val_loader())
-    assert cb.quantized and model.validation_calls == 3
+    model, cb = TinyNet(), OBQCallback(bits=4, calib_samples=64)
+    make_trainer(tmp_path, [cb], max_epochs=1, limit_val_batches=1).fit(model, train_loader(64), val_loader())
+    assert cb.quantized and model.validation_calls == 1
+    # the quantized evaluation raises: quantized, then restored to FP
     pl.seed_everything(0)
-    model, keep, cb = TinyNet(fail_on_validation_call=3), KeepFP(), OBQCallback(bits=4, calib_samples=64)
-    trainer = make_trainer(tmp_path, [keep, cb], max_epochs=1, limit_val_batches=1)
-    with pytest.raises(RuntimeError, match="validation exploded"):
-        trainer.fit(model, train_loader(64), val_loader())
-    assert_same_state(state(model), keep.state)  # quantized, then restored to FP
+    model, keep, cb = TinyNet(fail_when_quantized=True), KeepFP(), OBQCallback(bits=4, calib_samples=64)
+    with pytest.raises(RuntimeError, match="exploded on the quantized model"):
+        make_trainer(tmp_path, [keep, cb], max_epochs=1, limit_val_batches=1).fit(
+            model, train_loader(64), val_loader())
+    assert_same_state(state(model), keep.state)
     assert not cb.quantized and cb.report is None
+    # the FP evaluation raises (the copy's second call) before anything is quantized
     model, keep, cb = TinyNet(fail_on_validation_call=2), KeepFP(), OBQCallback(bits=4, calib_samples=64)
     with pytest.raises(RuntimeError, match="validation exploded"):
         make_trainer(tmp_path, [keep, cb], max_epochs=1, limit_val_batches=1).fit(
             model, train_loader(64), val_loader())
     assert_same_state(state(model), keep.state)
+    assert not cb.quantized and cb.report is None
 
 
 def test_quantization_failing_half_way_restores_fp(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ DAMP_MODES = ("absolute", "relative")
 CALIBRATION_MODES = ("one_pass", "sequential")
 BN_MODES = ("auto", "keep", "reestimate", "correct")
 DEFAULT_ORDER = {"fastobq": "sensi_dyn", "gptq": "none", "obq": None, "rtn": None}
-DEFAULT_REFINE_SWEEPS = {"fastobq": 4, "gptq": 0, "obq": 0, "rtn": 0}
+DEFAULT_REFINE_SWEEPS = {"fastobq": 3, "gptq": 0, "obq": 0, "rtn": 0}
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
     "Conv1d": nn.Conv1d,
@@ -69,7 +69,7 @@ class QuantConfig:
         refine_sweeps: most sweeps of the refinement stage after the column-parallel solve of fastobq/gptq
             (block coordinate descent over the columns on the undamped layer objective, then a closed-form
             refit of the scales; `solvers.refine_solution`); sweeps stop early once one gains under 0.1 %.
-            ``None`` picks the method's default (fastobq 4, gptq 0: plain GPTQ stays the baseline); 0 is off.
+            ``None`` picks the method's default (fastobq 3, gptq 0: plain GPTQ stays the baseline); 0 is off.
         obq_memory_mb: memory budget for the batch of per-row inverse Hessians of ``obq``.
         calibration: ``"one_pass"`` (all Hessians from the FP model) or ``"sequential"`` (each layer
             sees the outputs of already quantized predecessors).

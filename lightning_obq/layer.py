@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +12,8 @@ import torch
 from .config import QuantConfig
 from .hessian import damp_hessian
 from .measure import measure
-from .quantizer import dequantize_codes, find_grid
-from .solvers import HessianNotPositiveDefinite, solve_column_parallel, solve_obq, solve_rtn
+from .quantizer import Grid, dequantize_codes, find_grid
+from .solvers import HessianNotPositiveDefinite, refine_solution, solve_column_parallel, solve_obq, solve_rtn
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ class LayerResult:
     in float32. ``error`` is the layer objective ``tr((W-Q) H (W-Q)^T)`` with the undamped Hessian
     (what the layer really loses), ``damped_error`` the same with the damped Hessian (what the solver
     minimised), ``rtn_error`` the undamped objective of round-to-nearest on the same grid.
+
+    With the refinement stage (``QuantConfig.refine_sweeps > 0``, fastobq/gptq), ``solve_error`` is the
+    undamped objective of the column-parallel solve before it, ``refine_sweeps`` the sweeps it ran and
+    ``refine_seconds`` its time (part of ``seconds``); without it ``solve_error == error`` and both are 0.
     """
 
     weight: torch.Tensor
@@ -44,6 +50,13 @@ class LayerResult:
     seconds: float
     peak_rss_mb: float
     cuda_peak_mb: float
+    solve_error: float = math.nan
+    refine_sweeps: int = 0
+    refine_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.solve_error):
+            self.solve_error = self.error
 
 
 def layer_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -69,6 +82,26 @@ def _as_batched(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tens
     if hessian.shape != (g, d_col, d_col):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
     return weight, hessian
+
+
+def _refine(
+    w: torch.Tensor, h: torch.Tensor, h_true: torch.Tensor, codes: torch.Tensor, grid: Grid, config: QuantConfig,
+    name: str,
+) -> tuple[torch.Tensor, Grid, torch.Tensor, int, float, float] | None:
+    """`refine_solution` on the undamped objective (dead inputs have ``H_jj = 1`` and weight 0 in ``h``, so it
+    equals ``h_true``'s): the codes, grid, weights, sweeps, and the objective before and after. None, with a
+    warning, when the undamped Hessian is indefinite beyond what the refinement's light block damping absorbs
+    (its objective is then no layer loss; the solve, on the damped Hessian, stands)."""
+    try:
+        new_codes, new_scale, sweeps, before = refine_solution(
+            w, h, codes, grid.scale, grid.zero, grid.maxq, grid.group_size, config.granularity == "tensor",
+            config.refine_sweeps)
+    except HessianNotPositiveDefinite:
+        log.warning("layer %r: the undamped Hessian is not positive semi-definite; refinement skipped", name)
+        return None
+    new_grid = dataclasses.replace(grid, scale=new_scale)
+    new_q = dequantize_codes(new_codes, *new_grid.column_params(w.shape[-1]))
+    return new_codes, new_grid, new_q, sweeps, before, layer_error(w, new_q, h_true)
 
 
 def quantize_layer(
@@ -129,9 +162,23 @@ def quantize_layer(
                 log.warning("layer %r: Hessian not positive definite with damp=%g, retrying with %g",
                             name, damp, next_damp)
                 damp = next_damp
-        q = dequantize_codes(codes, scale, zero)
+        # RTN on the grid the range search chose (the refinement's scale refit may move the method's grid).
         rtn = dequantize_codes(solve_rtn(w, scale, zero, maxq), scale, zero)
-        error = layer_error(w, q, h_true)
+        q = dequantize_codes(codes, scale, zero)
+        sweeps, refine_seconds, refined = 0, 0.0, None
+        if config.method in ("fastobq", "gptq") and config.refine_sweeps > 0:
+            with measure(w.device, reset_peak=False) as m_refine:
+                refined = _refine(w, h, h_true, codes, grid, config, name)
+            refine_seconds = m_refine.seconds
+        if refined is None:
+            error = solve_error = layer_error(w, q, h_true)
+        else:
+            new_codes, new_grid, new_q, sweeps, solve_error, error = refined
+            if error <= solve_error:  # monotone by construction; this keeps the better one whatever happens
+                codes, grid, q = new_codes, new_grid, new_q
+                scale, zero = grid.column_params(w.shape[-1])
+            else:
+                error = solve_error
         # The damping only adds to the diagonal, so the damped objective needs no second product.
         extra = (hd.diagonal(dim1=-2, dim2=-1) - h_true.diagonal(dim1=-2, dim2=-1)).unsqueeze(1)  # [G, 1, d_col]
         damped_error = error + float(((w - q).pow(2) * extra).sum(dtype=torch.float64))
@@ -152,4 +199,7 @@ def quantize_layer(
         seconds=m.seconds,
         peak_rss_mb=m.peak_rss_mb,
         cuda_peak_mb=m.cuda_peak_mb,
+        solve_error=solve_error,
+        refine_sweeps=sweeps,
+        refine_seconds=refine_seconds,
     )

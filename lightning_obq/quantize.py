@@ -138,6 +138,7 @@ def _stats(name: str, module: nn.Module, r: LayerResult, config: QuantConfig, sa
         d_row=w.shape[1], d_col=w.shape[2], bits=r.bits, method=config.method, order=config.order,
         error=r.error, damped_error=r.damped_error, rtn_error=r.rtn_error, damp=r.damp,
         seconds=r.seconds, peak_rss_mb=r.peak_rss_mb, cuda_peak_mb=r.cuda_peak_mb, samples=samples,
+        solve_error=r.solve_error, refine_sweeps=r.refine_sweeps, refine_seconds=r.refine_seconds,
     )
 
 

@@ -12,7 +12,11 @@ from .layer import LayerResult
 
 @dataclass
 class LayerStats:
-    """Per-layer outcome: the layer objective (undamped and damped), RTN error on the same grid, cost."""
+    """Per-layer outcome: the layer objective (undamped and damped), RTN error on the same grid, cost.
+
+    ``solve_error`` is the objective of the column-parallel solve before the refinement stage (equal to
+    ``error`` when it did not run), ``refine_sweeps``/``refine_seconds`` what the stage did and cost.
+    """
 
     name: str
     kind: str
@@ -31,6 +35,13 @@ class LayerStats:
     peak_rss_mb: float
     cuda_peak_mb: float
     samples: int
+    solve_error: float = math.nan
+    refine_sweeps: int = 0
+    refine_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.solve_error):
+            self.solve_error = self.error
 
     @property
     def error_ratio_to_rtn(self) -> float:
@@ -76,11 +87,22 @@ class QuantReport:
     def total_rtn_error(self) -> float:
         return sum(s.rtn_error for s in self.layers)
 
+    @property
+    def total_solve_error(self) -> float:
+        """Summed layer error of the column-parallel solves before refinement (``total_error`` without it)."""
+        return sum(s.solve_error for s in self.layers)
+
+    @property
+    def total_refine_seconds(self) -> float:
+        return sum(s.refine_seconds for s in self.layers)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of everything but the tensors."""
         out = {k: v for k, v in asdict(self).items() if k != "results"}
         out["total_error"] = self.total_error
         out["total_rtn_error"] = self.total_rtn_error
+        out["total_solve_error"] = self.total_solve_error
+        out["total_refine_seconds"] = self.total_refine_seconds
         return out
 
     def table(self) -> str:
@@ -105,6 +127,15 @@ class QuantReport:
             + (f", CUDA {self.cuda_peak_mb:.0f} MB" if self.cuda_peak_mb else "")
             + f" | size {self.fp_size_mb:.2f} MB -> {self.quant_size_mb:.2f} MB"
         )
+        refined = [s for s in self.layers if s.refine_sweeps]
+        if refined:
+            before = self.total_solve_error
+            lines.append(
+                f"refinement ({len(refined)} layers, {min(s.refine_sweeps for s in refined)}-"
+                f"{max(s.refine_sweeps for s in refined)} sweeps): error {before:.4g} -> {self.total_error:.4g} "
+                f"({100 * (self.total_error / before - 1) if before > 0 else 0.0:+.1f} %) in "
+                f"{self.total_refine_seconds:.2f}s of the solve"
+            )
         if self.allocation:
             a = self.allocation
             uniform = a["uniform_predicted_loss"]

@@ -121,10 +121,13 @@ def test_obq_row_batches_do_not_change_the_result() -> None:
 
 
 @pytest.mark.parametrize("order", ["none", "act"])
-def test_fastobq_with_gptq_orders_equals_gptq(order: str) -> None:
+@pytest.mark.parametrize("sweeps", [0, 3])
+def test_fastobq_with_gptq_orders_equals_gptq(order: str, sweeps: int) -> None:
+    """Same order and refinement: the same solve (fastobq refines by default, gptq does not)."""
     w, h = correlated_problem()
-    fast = quantize_layer(w, h, QuantConfig(bits=3, method="fastobq", order=order, block_size=16))
-    gptq = quantize_layer(w, h, QuantConfig(bits=3, method="gptq", order=order, block_size=16))
+    config = QuantConfig(bits=3, method="fastobq", order=order, block_size=16, refine_sweeps=sweeps)
+    fast = quantize_layer(w, h, config)
+    gptq = quantize_layer(w, h, config.replace(method="gptq", order=order, refine_sweeps=sweeps))
     assert torch.equal(fast.weight, gptq.weight)
 
 
@@ -200,7 +203,7 @@ def naive_dynamic_order(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, z
 def test_dynamic_sensitivity_order_equals_literal_reference() -> None:
     """The Schur-complement blocks of sensi_dyn equal re-inverting H over the remaining columns."""
     w, h = correlated_problem(d_row=8, d_col=100)
-    config = QuantConfig(bits=3, method="fastobq", block_size=16)
+    config = QuantConfig(bits=3, method="fastobq", block_size=16, refine_sweeps=0)  # the column solve alone
     assert config.order == "sensi_dyn" and reorder_block(100) < 100  # several rankings happen
     result = quantize_layer(w, h, config)
     grid = find_grid(w, 3)
@@ -325,6 +328,8 @@ def test_results_are_deterministic() -> None:
         ("damp", -1.0, ValueError),
         ("calibration", "twice", ValueError),
         ("layer_types", ("Conv2d", "Embedding"), ValueError),
+        ("refine_sweeps", -1, ValueError),
+        ("refine_sweeps", 2.0, TypeError),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field: str, value, error: type[Exception]) -> None:

@@ -132,7 +132,8 @@ class OBQCallback(Callback):
         method: ``"fastobq"``, ``"gptq"``, ``"obq"`` or ``"rtn"``.
         order: column order (``None``: the method's default); see `QuantConfig`.
         when: ``"fit_end"`` (default) or ``"validation_start"`` (refuses ``fit``).
-        calib_dataloader: calibration batches (any iterable of batches); default: the train dataloader.
+        calib_dataloader: calibration batches (any iterable of batches); default: the train dataloader (of
+            the running fit, else the datamodule's or module's, else the one the last fit used).
         calib_samples: maximum calibration samples (over all ranks).
         forward_fn: ``forward_fn(module, batch)`` for batches that are not a tensor, ``(input, ...)`` tuple
             or dict with an input key; batches reach it already moved by the module's transfer hooks.
@@ -231,6 +232,7 @@ class OBQCallback(Callback):
         self._fingerprints: dict[str, str | None] = {}  # "fp" / "quantized": digests of the module's state
         self._quantized_state: dict[str, torch.Tensor] | None = None  # CPU copy, to put back over FP weights
         self._logged_names: dict[int, set[str]] = {}  # step -> names this callback logged at it
+        self._fit_calibration: Iterable[Any] | None = None  # the train loader of the last fit
         self._creator_pid = os.getpid()
         self._handoff = Path(tempfile.gettempdir()) / f"lightning_obq_{os.getpid()}_{id(self):x}.json"
         weakref.finalize(self, _unlink, self._handoff)
@@ -533,10 +535,13 @@ class OBQCallback(Callback):
             return _shard(self.calib_dataloader, trainer, hooks)
         train = _as_list(trainer.train_dataloader)
         if train:
+            self._fit_calibration = train[0]  # for a later validate/test of another checkpoint
             return train[0]  # prepared by Lightning: already sharded under DDP
         for owner in (trainer.datamodule, pl_module):
             if owner is not None and is_overridden("train_dataloader", owner):
                 return _shard(_call_loader(owner, "train_dataloader"), trainer, hooks)
+        if self._fit_calibration is not None:  # validate/test after fit(model, train_loader) in this process
+            return self._fit_calibration
         raise ValueError(
             "OBQCallback found no calibration data: pass OBQCallback(calib_dataloader=...) or give the trainer a "
             "train dataloader (datamodule or LightningModule.train_dataloader)"

@@ -610,3 +610,157 @@ def test_output_fidelity_function() -> None:
         output_fidelity(reference, candidate, loader, max_batches=0)
     with pytest.raises(ValueError, match="no data"):
         output_fidelity(reference, candidate, [])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints after fit
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def assert_each_name_once_per_step(metrics_csv: Path, prefix: str = "") -> None:
+    """No metric column (starting with ``prefix``) holds two values at one step in a CSVLogger file
+    (Lightning's own ``epoch`` column aside, which it writes with every row)."""
+    seen: dict[tuple[str, str], int] = {}
+    for row in csv_rows(metrics_csv):
+        for key, value in row.items():
+            if key not in ("step", "epoch") and key.startswith(prefix) and value not in ("", None):
+                seen[(row["step"], key)] = seen.get((row["step"], key), 0) + 1
+    repeated = {k: n for k, n in seen.items() if n > 1}
+    assert not repeated, repeated
+
+
+def grid_rows(module: nn.Module, bits: int = 4) -> bool:
+    """True if every row of every quantized-layer weight holds at most 2^bits distinct values."""
+    return all(r.unique().numel() <= 2**bits
+               for w in (module.features[0].weight, module.features[3].weight, module.head.weight)
+               for r in w.detach().reshape(w.shape[0], -1))
+
+
+def test_fit_then_test_or_validate_on_checkpoints_runs_the_quantized_model(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    model = TinyNet()
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_last=True)  # one file per epoch
+    cb = OBQCallback(bits=4, calib_samples=64, log_per_layer=False)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [every, cb], max_epochs=2, enable_checkpointing=True, logger=csv_logger)
+    trainer.fit(model, train_loader(64), val_loader())
+    final = cb.checkpoint_files["final"]
+    assert final == tmp_path / "ckpt" / "obq-w4-final.ckpt" and final.is_file()
+    assert torch.load(final, weights_only=True)["callbacks"][cb.state_key]["quantized"] is True
+    fit_report, quantized = cb.report, state(model)
+    fp_last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not torch.equal(fp_last["head.weight"], quantized["head.weight"])  # last.ckpt stays FP
+    assert trainer.callback_metrics["obq/val_acc"] == pytest.approx(fit_report.metrics["obq/val_acc"])
+
+    # last.ckpt = the FP weights this callback quantized: they are put back, and said so
+    with caplog.at_level("INFO"):
+        (last,) = trainer.test(model, val_loader(), ckpt_path="last", verbose=False)
+    assert "holds the full-precision weights this callback quantized" in caplog.text
+    assert_same_state(state(model), quantized)
+    assert_on_grid(model, fit_report, bits=4)
+    assert last["test_acc"] == pytest.approx(accuracy(model, val_loader()), abs=1e-6)
+    assert cb.report is fit_report and cb.quantized
+    assert cb.report.metrics["obq/test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
+    assert trainer.callback_metrics["obq/test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
+    fp_test = cb.report.metrics["test_acc"]  # measured on the FP weights before putting the quantized back
+    assert cb.report.metrics["obq/test_acc_delta"] == pytest.approx(last["test_acc"] - fp_test, abs=1e-6)
+
+    # an earlier epoch's FP file: quantized before the loop, saved beside it
+    (epoch0,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        (first,) = trainer.validate(model, val_loader(), ckpt_path=str(epoch0), verbose=False)
+    assert "holds full-precision weights; quantizing them (W4 fastobq) before validating" in caplog.text
+    assert cb.report is not fit_report and grid_rows(model)
+    assert_on_grid(model, cb.report, bits=4)
+    assert first["val_acc"] == pytest.approx(accuracy(model, val_loader()), abs=1e-6)
+    assert cb.report.metrics["obq/val_acc"] == pytest.approx(first["val_acc"], abs=1e-6)
+    epoch0_report = cb.report
+    beside = tmp_path / "ckpt" / f"obq-w4-{epoch0.stem}.ckpt"
+    assert cb.checkpoint_files[epoch0.stem] == beside and beside.is_file()
+
+    # the module as it is, then the quantized file: evaluated as is; so by a fresh callback (another process)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        trainer.test(model, val_loader(), verbose=False)
+        assert "the module is already quantized (W4 fastobq); testing it as is" in caplog.text
+        trainer.test(model, val_loader(), ckpt_path=str(final), verbose=False)
+        assert f"checkpoint {final} was saved after OBQCallback quantized it" in caplog.text
+        assert_same_state(state(model), quantized)
+        fresh_cb, fresh = OBQCallback(bits=4, calib_samples=64), TinyNet()
+        (again,) = make_trainer(tmp_path, [fresh_cb]).test(fresh, val_loader(), ckpt_path=str(final), verbose=False)
+    assert caplog.text.count("was saved after OBQCallback quantized it (W4 fastobq); testing it as is") == 2
+    assert_same_state(state(fresh), quantized)
+    assert fresh_cb.report.metrics["obq/val_acc"] == fit_report.metrics["obq/val_acc"]
+    assert again["test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
+
+    # every obq name once per step in the CSV, although fit end and the epoch-0 quantization share a step
+    # (the three test runs at one step each log Lightning's own test_acc, as they would without the callback)
+    trainer.loggers[0].save()
+    metrics_csv = Path(csv_logger.log_dir) / "metrics.csv"
+    assert_each_name_once_per_step(metrics_csv, prefix="obq/")
+    logged = read_csv_metrics(metrics_csv)
+    assert logged["obq/fp/val_acc"] == pytest.approx(fit_report.metrics["val_acc"])
+    assert logged["obq/ckpt/val_acc"] == pytest.approx(epoch0_report.metrics["obq/val_acc"])
+    assert logged["obq/ckpt/error"] == pytest.approx(epoch0_report.total_error, rel=1e-6)
+    assert logged["obq/error"] == pytest.approx(fit_report.total_error, rel=1e-6)
+
+
+def test_batchnorm_decision_in_a_csv_logger_run(tmp_path: Path) -> None:
+    """Issue 16: the chosen BatchNorm mode and the candidates' figures reach a real CSVLogger."""
+    import yaml
+
+    from lightning_obq.loggers import BN_CODES
+
+    pl.seed_everything(0)
+    cb = OBQCallback(bits=3, calib_samples=128, evaluate=False)
+    assert cb.config.bn_mode == "auto"
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(tmp_path, [cb], max_epochs=1, logger=csv_logger).fit(TinyNet(), train_loader(128))
+    bn = cb.report.batchnorm
+    assert bn["mode"] == "auto" and bn["chosen"] in ("keep", "correct", "reestimate") and bn["layers"] == 1
+    assert set(bn["candidates"]) == {"keep", "correct", "reestimate"} and bn["holdout_samples"] == 32
+    logged = read_csv_metrics(Path(csv_logger.log_dir) / "metrics.csv")
+    assert logged["obq/bn/chosen"] == BN_CODES[bn["chosen"]]
+    assert logged["obq/bn/holdout_samples"] == 32 and logged["obq/bn/fit_samples"] == 96
+    for mode, scores in bn["candidates"].items():
+        assert set(scores) == {"kl_div", "top1_agreement"}
+        for metric, value in scores.items():
+            assert logged[f"obq/bn/{mode}/{metric}"] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    best = min(bn["candidates"], key=lambda m: bn["candidates"][m]["kl_div"])
+    assert bn["candidates"][bn["chosen"]]["kl_div"] == bn["candidates"][best]["kl_div"]
+    hparams = yaml.safe_load((Path(csv_logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["obq/bn_mode"] == "auto" and hparams["obq/bn_chosen"] == bn["chosen"]
+    assert OBQCallback(reestimate_bn=False).config.bn_mode == "keep"  # the older spelling
+    assert OBQCallback(reestimate_bn=True).config.bn_mode == "reestimate"
+    with pytest.raises(ValueError, match=r"OBQCallback\(reestimate_bn=True\)"):
+        OBQCallback(reestimate_bn=True, bn_mode="keep")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"evalute": False}, r"'evalute' \(did you mean 'evaluate'\?\).*OBQCallback arguments: bits, method"),
+        ({"calib_sample": 64}, r"did you mean 'calib_samples'"),
+        ({"bn_mod": "keep"}, r"did you mean 'bn_mode'"),
+        ({"granularty": "group"}, r"did you mean 'granularity'"),
+    ],
+)
+def test_misspelt_argument_suggests_the_closest(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        OBQCallback(**kwargs)
+
+
+def test_config_errors_name_the_callback_argument() -> None:
+    with pytest.raises(ValueError, match=r"^OBQCallback\(bits=1\): QuantConfig.bits=1"):
+        OBQCallback(bits=1)
+    with pytest.raises(ValueError, match=r"^OBQCallback\(bn_mode='sometimes'\)"):
+        OBQCallback(bn_mode="sometimes")
+    with pytest.raises(ValueError, match=r"^OBQCallback\(damp=-1.0\)"):
+        OBQCallback(damp=-1.0)

@@ -8,6 +8,7 @@ Metric names (all floats, logged at the trainer's ``global_step``):
 - cost: ``obq/seconds_total``, ``obq/seconds_calibration``, ``obq/seconds_solve``, ``obq/seconds_bn``,
   ``obq/peak_rss_mb``, ``obq/cuda_peak_mb``;
 - size and error: ``obq/size_fp_mb``, ``obq/size_quant_mb``, ``obq/error``, ``obq/rtn_error``,
+  ``obq/solve_error`` (before the refinement stage) with ``obq/seconds_refine``,
   ``obq/bits``, ``obq/layers``, ``obq/samples``;
 - per layer (optional): ``obq/layer/<name>/{error,rtn_error,seconds,bits}``;
 - BatchNorm step (`lightning_obq.batchnorm`): ``obq/bn/chosen`` as a numeric code (`BN_CODES`: 0 none in
@@ -52,6 +53,8 @@ def summary_metrics(report: QuantReport) -> dict[str, float]:
         "obq/size_quant_mb": report.quant_size_mb,
         "obq/error": report.total_error,
         "obq/rtn_error": report.total_rtn_error,
+        "obq/solve_error": report.total_solve_error,  # before the refinement stage (= obq/error without it)
+        "obq/seconds_refine": report.total_refine_seconds,  # part of obq/seconds_solve
         "obq/bits": float(report.config.get("bits", 0)),
         "obq/layers": float(len(report.layers)),
         "obq/samples": float(report.samples),

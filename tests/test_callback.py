@@ -764,3 +764,56 @@ def test_config_errors_name_the_callback_argument() -> None:
         OBQCallback(bn_mode="sometimes")
     with pytest.raises(ValueError, match=r"^OBQCallback\(damp=-1.0\)"):
         OBQCallback(damp=-1.0)
+
+
+class LoopProbe(pl.Callback):
+    """Records the trainer's loop states, step and non-obq callback metrics, and the module's metric states,
+    at on_fit_end and at the end of a validate/test run (placed before and after OBQCallback)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen.append({
+            "loops": [json.dumps(loop.state_dict(), sort_keys=True, default=str)
+                      for loop in (trainer.fit_loop, trainer.validate_loop, trainer.test_loop)],
+            "step": trainer.global_step, "epoch": trainer.current_epoch,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("obq/")},
+            "val_acc": {k: v.clone() for k, v in pl_module.val_acc.metric_state.items()},
+            "validation_calls": pl_module.validation_calls, "training": pl_module.training,
+            "rng": torch.get_rng_state(),
+        })
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._record(trainer, pl_module)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "val_acc":
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        elif key == "rng":
+            assert torch.equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+def test_evaluations_leave_loops_module_metrics_and_rng_as_they_were(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model, before, after = TinyNet(), LoopProbe(), LoopProbe()
+    cb = OBQCallback(bits=4, calib_samples=64)
+    trainer = make_trainer(tmp_path, [before, cb, after], max_epochs=1)
+    trainer.fit(model, train_loader(64), val_loader())
+    assert cb.quantized and "obq/val_acc" in trainer.callback_metrics and "obq/val_acc" in trainer.logged_metrics
+    _same(before.seen[0], after.seen[0])
+    # inside a running validate loop (validation_start): the loop, the module and the RNG as before
+    fresh, before, after = TinyNet(), LoopProbe(), LoopProbe()
+    cbv = OBQCallback(bits=4, when="validation_start", calib_dataloader=train_loader(64), calib_samples=64)
+    make_trainer(tmp_path, [before, cbv, after]).validate(fresh, val_loader(), verbose=False)
+    assert cbv.quantized and fresh.validation_calls == 2  # the loop's own two batches, none of the callback's
+    _same(before.seen[0], after.seen[0])

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -50,7 +51,8 @@ SCRIPT = textwrap.dedent(
 
     pl.seed_everything(0)
     handler = None
-    cb = OBQCallback(bits=4, calib_samples=96, calib_dataloader=DataLoader(tiny_dataset(96, seed=2), batch_size=16))
+    cb = OBQCallback(bits=4, calib_samples=96, bn_mode="reestimate",
+                     calib_dataloader=DataLoader(tiny_dataset(96, seed=2), batch_size=16))
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          callbacks=[SaveFP(), cb, SaveQuantized()], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=out)
@@ -69,7 +71,7 @@ SCRIPT = textwrap.dedent(
     (result,) = tv.validate(fresh, DataLoader(tiny_dataset(64, seed=1), batch_size=16), verbose=False)
     torch.save(fresh.state_dict(), os.path.join(out, f"validate{tv.global_rank}.pt"))
     with open(os.path.join(out, f"validate{tv.global_rank}.json"), "w") as f:
-        json.dump({"result": result, "metrics": cbv.report.metrics}, f)
+        json.dump({"result": result, "metrics": cbv.report.metrics, "batchnorm": cbv.report.batchnorm}, f)
     # Tear the process group down before exit: gloo threads alive at interpreter exit can abort the process.
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -113,7 +115,7 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
     data = tiny_dataset(96, seed=2)
     batches = [b for r in (0, 1) for b in DataLoader(
         data, batch_size=16, sampler=DistributedSampler(data, num_replicas=2, rank=r, shuffle=False))]
-    report = quantize_model(model, batches, QuantConfig(bits=4, calib_samples=96, progress=False))
+    report = quantize_model(model, batches, QuantConfig(bits=4, calib_samples=96, bn_mode="reestimate", progress=False))
     single = model.state_dict()
     for key, value in single.items():
         if value.dtype.is_floating_point:
@@ -126,8 +128,9 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
         # (sharded Hessians) move it by ~1e-3 relative
         assert d["error"] == pytest.approx(s.error, rel=1e-2)
 
-    # validation_start mode under DDP: identical weights and metrics on both ranks; the metrics of the
-    # running validation (quantized) are the ones the callback reports
+    # validation_start mode under DDP (bn_mode auto, measured over both ranks' held-back samples): identical
+    # weights, BatchNorm decision and metrics on both ranks; the metrics of the running validation
+    # (quantized) are the ones the callback reports
     v0 = torch.load(tmp_path / "validate0.pt", weights_only=True)
     v1 = torch.load(tmp_path / "validate1.pt", weights_only=True)
     for key in v0:
@@ -135,6 +138,9 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
     runs = [json.loads((tmp_path / f"validate{r}.json").read_text()) for r in (0, 1)]
     assert runs[0] == runs[1]
     assert runs[0]["metrics"]["obq/val_acc"] == pytest.approx(runs[0]["result"]["val_acc"])
+    bn = runs[0]["batchnorm"]
+    assert bn["mode"] == "auto" and set(bn["candidates"]) == {"keep", "correct", "reestimate"}
+    assert bn["holdout_samples"] + bn["fit_samples"] == 48  # this rank's share of the 96
     assert {"val_acc", "obq/top1_agreement", "obq/kl_div"} <= set(runs[0]["metrics"])
 
     # validation metrics were computed over both shards (the whole validation set)
@@ -144,3 +150,55 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
         for x, y in DataLoader(tiny_dataset(64, seed=1), batch_size=16):
             acc.update(model(x), y)
     assert reports[0]["metrics"]["obq/val_acc"] == pytest.approx(float(acc.compute()), abs=1e-6)
+
+
+SPAWN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+    from test_callback import TinyNet, assert_on_grid, tiny_dataset
+    from lightning_obq import OBQCallback
+
+    if __name__ == "__main__":
+        pl.seed_everything(0)
+        cb = OBQCallback(bits=4, calib_samples=64, calib_dataloader=DataLoader(tiny_dataset(64, seed=2), batch_size=16))
+        model = TinyNet()
+        trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                             callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=sys.argv[1])
+        trainer.fit(model, DataLoader(tiny_dataset(64), batch_size=16),
+                    DataLoader(tiny_dataset(32, seed=1), batch_size=16))
+        report = cb.report  # in the main process, which ran no hook: handed back by rank zero
+        assert report is not None and cb.quantized
+        # the weights Lightning returned to the main process are the ones the report describes
+        by_name = dict(model.named_modules())
+        for layer in report.layers:
+            w = by_name[layer.name].weight.detach()
+            assert max(r.unique().numel() for r in w.reshape(w.shape[0], -1)) <= 16, layer.name
+        out = {"metrics": report.metrics, "samples": report.samples, "layers": [s.name for s in report.layers],
+               "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+               "batchnorm": report.batchnorm}
+        with open(sys.argv[1] + "/spawn.json", "w") as f:
+            json.dump(out, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_hands_the_report_to_the_main_process(tmp_path: Path) -> None:
+    script = tmp_path / "spawn_obq.py"
+    script.write_text(SPAWN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads((tmp_path / "spawn.json").read_text())
+    assert out["samples"] == 64 and out["layers"] == ["features.0", "features.3", "head"]
+    assert out["metrics"]["obq/val_acc"] == pytest.approx(out["callback_metrics"]["obq/val_acc"], abs=1e-6)
+    assert {"val_acc", "obq/top1_agreement", "obq/kl_div"} <= set(out["metrics"])
+    assert out["batchnorm"]["mode"] == "auto" and out["batchnorm"]["layers"] == 1
+    assert not list(Path(tempfile.gettempdir()).glob(f"lightning_obq_{proc.pid}_*.json"))  # read and removed

@@ -528,40 +528,45 @@ def refine_codes(
     per_column = scale.shape[-1] != 1
     active = torch.ones(g, dtype=torch.bool, device=w.device)
     factors: dict[tuple[int, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    new = torch.empty(g, r, block, dtype=w.dtype, device=w.device)  # the column loop's codes, per block
+    err: dict[int, torch.Tensor] = {}  # its scratch errors per block size (they must be C-contiguous)
     done = 0
     while done < sweeps and bool(active.any()):
         blocks = refine_blocks(n, block, done)
         key = (done % 2, done % 4 in (1, 2))  # (shifted boundaries, reversed column order)
         if key not in factors:
             factors[key] = _block_factors(hb, blocks, key[1])
+        columns = {k: torch.arange(k, device=w.device).flip(0).expand(g, k) if key[1]
+                   else torch.arange(k, device=w.device).expand(g, k) for k in {b - a for a, b in blocks}}
         before = objective.sum(-1)
         for chunk in range(0, len(blocks), REFINE_LAZY_BLOCKS):
             lazy = blocks[chunk : chunk + REFINE_LAZY_BLOCKS]
             c0, c1 = lazy[0][0], lazy[-1][1]
             pending = torch.zeros(g, r, c1 - c0, dtype=w.dtype, device=w.device)  # changes not yet in R
+            # A step is taken below this change of its row's objective; never in a group that has converged.
+            floor = torch.where(active.unsqueeze(-1), objective * -REFINE_MIN_GAIN, -math.inf)
             for (a, b), (hinv_b, u_b) in zip(lazy, factors[key][chunk : chunk + REFINE_LAZY_BLOCKS], strict=True):
                 k = b - a
-                q_b = q[..., a:b]
-                res_b = res[..., a:b]
+                q_b, res_b = q[..., a:b], res[..., a:b]
                 if a > c0:  # R of this block after the changes of the earlier blocks of the chunk
                     res_b = torch.baddbmm(res_b, pending[..., : a - c0], h[:, c0:a, a:b])
-                target_t = (q_b - res_b @ hinv_b).transpose(-2, -1)  # [G, k, r]
+                target_t = torch.baddbmm(q_b.transpose(-2, -1), hinv_b, res_b.transpose(-2, -1), alpha=-1)
                 s_t, z_t = (scale_t[:, a:b], zero_t[:, a:b]) if per_column else (scale_t, zero_t)
-                columns = torch.arange(k, device=w.device).expand(g, k)
                 if key[1]:
-                    target_t, columns = target_t.flip(1), columns.flip(1)
+                    target_t = target_t.flip(1)
                     s_t, z_t = (s_t.flip(1), z_t.flip(1)) if per_column else (s_t, z_t)
-                new = torch.empty(g, r, k, dtype=w.dtype, device=w.device)
-                err = torch.empty(g, k, r, dtype=w.dtype, device=w.device)
-                _quantize_block(target_t.contiguous(), u_b, s_t, z_t, maxq, columns, new, err, 0)
-                q_new = dequantize_codes(new, *((scale[..., a:b], zero[..., a:b]) if per_column else (scale, zero)))
+                if k not in err:
+                    err[k] = torch.empty(g, k, r, dtype=w.dtype, device=w.device)
+                _quantize_block(target_t, u_b, s_t, z_t, maxq, columns[k], new[..., :k], err[k], 0)
+                grid_b = (scale[..., a:b], zero[..., a:b]) if per_column else (scale, zero)
+                q_new = dequantize_codes(new[..., :k], *grid_b)
                 d = q_new - q_b
-                change = (d * (d @ h[:, a:b, a:b] + 2 * res_b)).sum(-1)  # [G, r]
-                take = (change < -REFINE_MIN_GAIN * objective) & active.unsqueeze(-1)
-                pending[..., a - c0 : b - c0] = d.mul_(take.unsqueeze(-1))
-                codes[..., a:b] = torch.where(take.unsqueeze(-1), new, codes[..., a:b])
-                q[..., a:b] = torch.where(take.unsqueeze(-1), q_new, q_b)
-                objective = objective + change * take
+                change = (d * torch.baddbmm(res_b, d, h[:, a:b, a:b], beta=2)).sum(-1)  # [G, r]
+                take = (change < floor).unsqueeze(-1)
+                pending[..., a - c0 : b - c0] = d.mul_(take)
+                codes[..., a:b] = torch.where(take, new[..., :k], codes[..., a:b])
+                q[..., a:b] = torch.where(take, q_new, q_b)
+                objective += change.mul_(take[..., 0])
             res.baddbmm_(pending, h[:, c0:c1, :])
         done += 1
         active &= before - objective.sum(-1) > tol * before

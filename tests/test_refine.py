@@ -3,6 +3,7 @@ brute-forced problem, the compiled and torch paths bit for bit, and its numbers 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -17,7 +18,8 @@ from lightning_obq.layer import layer_error
 from lightning_obq.quantizer import dequantize_codes, find_grid
 
 
-def real_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+@functools.cache
+def _real_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Weights and Hessians of a plain and a grouped conv fed real Fashion-MNIST images (random-init net)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, 3), nn.ReLU(),
@@ -33,6 +35,11 @@ def real_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         handle.remove()
         out[name] = (weight_matrix(net[int(name)]).detach(), acc.hessian)
     return out
+
+
+def real_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fresh copies of `_real_problems` (computed once per session), so tests may edit them."""
+    return {k: (w.clone(), h.clone()) for k, (w, h) in _real_problems().items()}
 
 
 def random_problem(groups: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,14 +48,16 @@ def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return batch
 
 
-def flat_output(out: Any) -> torch.Tensor:
-    """All floating tensors of a model output, flattened and concatenated."""
+def flat_output(out: Any, detach: bool = True) -> torch.Tensor:
+    """All floating tensors of a model output, flattened and concatenated (``detach=False`` keeps the graph)."""
     if isinstance(out, torch.Tensor):
-        return out.detach().float().reshape(-1) if out.is_floating_point() else torch.empty(0)
+        if not out.is_floating_point():
+            return torch.empty(0)
+        return (out.detach() if detach else out).float().reshape(-1)
     if isinstance(out, Mapping):
         out = list(out.values())
     if isinstance(out, list | tuple):
-        parts = [flat_output(o) for o in out]
+        parts = [flat_output(o, detach) for o in out]
         return torch.cat(parts) if parts else torch.empty(0)
     return torch.empty(0)
 
@@ -65,7 +67,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
-def _slice(batch: Any, start: int, stop: int | None = None) -> Any:
+def slice_batch(batch: Any, start: int, stop: int | None = None) -> Any:
+    """Samples ``start:stop`` of a batch (every tensor with a batch dimension is sliced)."""
     return _map_tensors(batch, lambda t: t[start:stop] if t.dim() > 0 else t)
 
 
@@ -88,8 +91,8 @@ def split_batches(batches: Sequence[Any], tail_samples: int) -> tuple[list[Any],
         elif seen >= cut:
             tail.append(batch)
         else:
-            head.append(_slice(batch, 0, cut - seen))
-            tail.append(_slice(batch, cut - seen))
+            head.append(slice_batch(batch, 0, cut - seen))
+            tail.append(slice_batch(batch, cut - seen))
         seen += n
     return head, tail
 
@@ -117,7 +120,7 @@ def draw_batches(calibration: Iterable[Any], max_samples: int) -> list[Any]:
         if n == 0:
             continue
         if seen + n > max_samples:
-            batch, n = _slice(batch, 0, max_samples - seen), max_samples - seen
+            batch, n = slice_batch(batch, 0, max_samples - seen), max_samples - seen
         batches.append(batch)
         seen += n
         if seen >= max_samples:

@@ -17,6 +17,7 @@ RANGE_SEARCHES = ("minmax", "mse")
 DAMP_MODES = ("absolute", "relative")
 CALIBRATION_MODES = ("one_pass", "sequential")
 BN_MODES = ("auto", "keep", "reestimate", "correct")
+GAIN_METHODS = ("auto", "exact", "linear")
 DEFAULT_ORDER = {"fastobq": "sensi_dyn", "gptq": "none", "obq": None, "rtn": None}
 DEFAULT_REFINE_SWEEPS = {"fastobq": 3, "gptq": 0, "obq": 0, "rtn": 0}
 LAYER_TYPES: dict[str, type[nn.Module]] = {
@@ -104,6 +105,9 @@ class QuantConfig:
         candidate_bits: bit widths mixed precision may choose from.
         pin: ``{pattern: bits}`` fixing matching layers to a width under a budget (e.g. ``{"conv1": 8}``).
         sensitivity_samples: calibration samples used to measure each layer's effect on the model output.
+        gains: how mixed precision measures each layer's effect on the model output: ``"exact"`` (one
+            forward pass per layer), ``"linear"`` (a first-order estimate for all layers from a few
+            forward/backward passes) or ``"auto"`` (exact up to 32 layers); see `lightning_obq.mixed`.
         progress: show a progress bar over layers when on a terminal.
     """
 
@@ -136,6 +140,7 @@ class QuantConfig:
     candidate_bits: tuple[int, ...] = (2, 3, 4, 6, 8)
     pin: dict[str, int] = field(default_factory=dict)
     sensitivity_samples: int = 256
+    gains: str = "auto"
 
     def __post_init__(self) -> None:
         _check_number("bits", self.bits, 2, 8, integer=True)
@@ -208,6 +213,7 @@ class QuantConfig:
                 raise TypeError(f"QuantConfig.pin keys must be name patterns (str), got {pattern!r}")
             _check_number(f"pin[{pattern!r}]", b, 2, 8, integer=True)
         _check_number("sensitivity_samples", self.sensitivity_samples, 1, 1 << 40, integer=True)
+        _check_choice("gains", self.gains, GAIN_METHODS)
         if self.budget is not None and self.budget_mb is not None:
             raise ValueError("QuantConfig.budget and QuantConfig.budget_mb are exclusive: set one")
         if self.budget is not None:

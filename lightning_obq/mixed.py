@@ -11,6 +11,18 @@ predicted loss of a bit width is ``gain_l * err_l(b)``. This output-perturbation
 Hessian trace because it needs no labels and no backward pass, it uses the very quantized weights that
 will be deployed, and its cost is one forward pass per layer over a few calibration batches.
 
+Measuring every gain exactly costs one forward pass over the sensitivity samples per layer, which on a
+depthwise network of 50-100 layers is most of a mixed-precision run. Above `EXACT_GAIN_LAYERS` layers
+(``QuantConfig.gains="auto"``) the gains come from a first-order estimate instead: quantizing layer ``l``
+moves the output by about ``J_l u_l`` (``u_l``: the layer's own output change, ``J_l``: the Jacobian of
+the model output with respect to the layer output), and for a Gaussian probe ``r``,
+``E[(r . J_l u_l)^2] = ||J_l u_l||^2`` with ``r . J_l u_l = (J_l^T r) . u_l``: one backward pass of ``r . f``
+gives that product for every layer at once (Hutchinson's estimator). A few probes per batch cost a few
+forward-equivalents whatever the number of layers. It ignores how the layer's error is bent by the
+nonlinearities after it, so it is kept for networks where the exact measurement is too costly. The
+allocation is still checked by measuring it against uniform (see `lightning_obq.quantize`), which does
+not rely on this approximation.
+
 The allocation itself is a multiple-choice knapsack solved exactly by dynamic programming over the
 Pareto front of (size, predicted loss) pairs.
 """
@@ -28,7 +40,24 @@ import torch
 import torch.nn as nn
 
 from .batchnorm import batchnorm_layers
-from .calibration import ForwardFn, default_forward, flat_output, model_device, to_device
+from .calibration import (
+    ForwardFn,
+    batch_size,
+    default_forward,
+    flat_output,
+    model_device,
+    slice_batch,
+    to_device,
+)
+
+GAIN_PROBES = 4
+"""Gaussian probes per batch of the first-order gain estimate."""
+
+EXACT_GAIN_LAYERS = 32
+"""``gains="auto"`` measures exactly up to this many layers (one forward pass each), then estimates."""
+
+GAIN_CHUNK = 16
+"""Samples per forward/backward pass of the first-order estimate (bounds the autograd graph's memory)."""
 
 
 @dataclass
@@ -156,9 +185,92 @@ def output_gains(
     layer_errors: Mapping[str, float],
     batches: Sequence[Any],
     forward_fn: ForwardFn | None = None,
+    method: str = "exact",
 ) -> dict[str, float]:
-    """Model-output squared error per unit of layer objective, quantizing one layer at a time."""
+    """Model-output squared error per unit of layer objective, quantizing one layer at a time.
+
+    ``method="exact"`` measures each layer's output change with one forward pass per layer,
+    ``"linear"`` estimates all of them from the same few passes (`linear_output_changes`), ``"auto"``
+    takes ``"linear"`` above `EXACT_GAIN_LAYERS` layers.
+    """
     names = list(layers)
-    changes = output_changes(model, layers, [{n: quantized[n]} for n in names], batches, forward_fn)
+    if method == "auto":
+        method = "linear" if len(names) > EXACT_GAIN_LAYERS else "exact"
+    if method == "linear":
+        estimated = linear_output_changes(model, layers, quantized, batches, forward_fn)
+        changes = [estimated[n] for n in names]
+    else:
+        changes = output_changes(model, layers, [{n: quantized[n]} for n in names], batches, forward_fn)
     return {n: change / layer_errors[n] if layer_errors[n] > 0 else 0.0
             for n, change in zip(names, changes, strict=True)}
+
+
+def _layer_response(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """What a Conv/Linear layer adds to its output when its weight changes by ``delta`` (no bias)."""
+    if isinstance(module, nn.Linear):
+        return torch.nn.functional.linear(x, delta)
+    return module._conv_forward(x, delta, None)  # type: ignore[operator]  # nn.Conv1d/2d/3d
+
+
+def linear_output_changes(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    quantized: Mapping[str, torch.Tensor],
+    batches: Sequence[Any],
+    forward_fn: ForwardFn | None = None,
+    probes: int = GAIN_PROBES,
+    seed: int = 0,
+) -> dict[str, float]:
+    """First-order estimate of each layer's `output_changes` entry when only that layer is quantized.
+
+    Same units as `output_changes` (mean squared change per output element); see the module docstring
+    for the estimator. Deterministic for a seed; the model, its weights and ``requires_grad`` flags are
+    left as they were.
+    """
+    forward = forward_fn or default_forward
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    by_module = {m: n for n, m in layers.items()}
+    deltas = {n: (quantized[n].to(m.weight.dtype) - m.weight.detach()).reshape(m.weight.shape)
+              for n, m in layers.items()}
+    totals = dict.fromkeys(layers, 0.0)
+    elements = 0
+    outputs: dict[str, torch.Tensor] = {}
+    responses: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        name = by_module[module]
+        with torch.no_grad():
+            responses[name] = _layer_response(module, inputs[0], deltas[name])
+        outputs[name] = output
+        return output.clone()  # later in-place ops (ReLU(inplace=True)) must not alter the tensor we differentiate
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [m.register_forward_hook(hook) for m in layers.values()]
+    try:
+        for m in layers.values():
+            m.weight.requires_grad_(True)  # so every layer output is part of the graph
+        for batch in batches:
+            n = batch_size(batch)
+            for start in range(0, n, GAIN_CHUNK):
+                chunk = to_device(slice_batch(batch, start, start + GAIN_CHUNK), device)
+                outputs.clear()
+                responses.clear()
+                with torch.enable_grad():
+                    flat = flat_output(forward(model, chunk), detach=False)
+                    elements += flat.numel()
+                    names = [k for k in outputs if outputs[k].requires_grad]
+                    for k in range(probes):
+                        r = torch.randn(flat.shape, generator=generator).to(flat.device)
+                        grads = torch.autograd.grad((flat * r).sum(), [outputs[k2] for k2 in names],
+                                                    retain_graph=k < probes - 1, allow_unused=True)
+                        for name, g in zip(names, grads, strict=True):
+                            if g is not None:
+                                per_sample = (g * responses[name]).reshape(g.shape[0], -1).sum(dim=1)
+                                totals[name] += float(per_sample.double().square().sum()) / probes
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return {n: t / max(1, elements) for n, t in totals.items()}

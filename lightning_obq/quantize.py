@@ -352,7 +352,7 @@ def _allocate(
     reference = {n: c.get(config.bits) or next(iter(c.values())) for n, c in candidates.items()}
     gains = output_gains(
         model, layers, {n: _shaped(layers[n], r) for n, r in reference.items()},
-        {n: r.error for n, r in reference.items()}, sensitivity_batches, forward_fn,
+        {n: r.error for n, r in reference.items()}, sensitivity_batches, forward_fn, config.gains,
     )
     names = list(layers)
     options = [[b for b in sorted(candidates[n]) if b in config.candidate_bits or len(candidates[n]) == 1]

@@ -51,7 +51,9 @@ SCRIPT = textwrap.dedent(
 
     pl.seed_everything(0)
     handler = None
-    cb = OBQCallback(bits=4, calib_samples=96, bn_mode="reestimate",
+    # refine_sweeps=0: the refinement stage flips codes on float-level Hessian differences (sharded sums in
+    # another order), so only the column solve can be compared with one process to float tolerance
+    cb = OBQCallback(bits=4, calib_samples=96, bn_mode="reestimate", refine_sweeps=0,
                      calib_dataloader=DataLoader(tiny_dataset(96, seed=2), batch_size=16))
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          callbacks=[SaveFP(), cb, SaveQuantized()], enable_progress_bar=False,
@@ -115,7 +117,8 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
     data = tiny_dataset(96, seed=2)
     batches = [b for r in (0, 1) for b in DataLoader(
         data, batch_size=16, sampler=DistributedSampler(data, num_replicas=2, rank=r, shuffle=False))]
-    report = quantize_model(model, batches, QuantConfig(bits=4, calib_samples=96, bn_mode="reestimate", progress=False))
+    report = quantize_model(model, batches, QuantConfig(bits=4, calib_samples=96, bn_mode="reestimate",
+                                                         refine_sweeps=0, progress=False))
     single = model.state_dict()
     for key, value in single.items():
         if value.dtype.is_floating_point:
@@ -154,7 +157,7 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
 
 SPAWN_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch
     torch.set_num_threads(1)
     import lightning.pytorch as pl
@@ -180,7 +183,7 @@ SPAWN_SCRIPT = textwrap.dedent(
             assert max(r.unique().numel() for r in w.reshape(w.shape[0], -1)) <= 16, layer.name
         out = {"metrics": report.metrics, "samples": report.samples, "layers": [s.name for s in report.layers],
                "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-               "batchnorm": report.batchnorm}
+               "batchnorm": report.batchnorm, "pid": os.getpid()}
         with open(sys.argv[1] + "/spawn.json", "w") as f:
             json.dump(out, f)
     """
@@ -201,4 +204,4 @@ def test_ddp_spawn_hands_the_report_to_the_main_process(tmp_path: Path) -> None:
     assert out["metrics"]["obq/val_acc"] == pytest.approx(out["callback_metrics"]["obq/val_acc"], abs=1e-6)
     assert {"val_acc", "obq/top1_agreement", "obq/kl_div"} <= set(out["metrics"])
     assert out["batchnorm"]["mode"] == "auto" and out["batchnorm"]["layers"] == 1
-    assert not list(Path(tempfile.gettempdir()).glob(f"lightning_obq_{proc.pid}_*.json"))  # read and removed
+    assert not list(Path(tempfile.gettempdir()).glob(f"lightning_obq_{out['pid']}_*.json"))  # read and removed

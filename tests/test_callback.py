@@ -104,6 +104,9 @@ class TinyDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(tiny_dataset(self.val_samples, seed=1), batch_size=self.batch_size)
 
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(tiny_dataset(self.val_samples, seed=3), batch_size=self.batch_size)
+
 
 def train_loader(n: int = 256) -> DataLoader:
     return DataLoader(tiny_dataset(n), batch_size=32, shuffle=True)

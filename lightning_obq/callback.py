@@ -235,7 +235,7 @@ class OBQCallback(Callback):
         self._fit_calibration: Iterable[Any] | None = None  # the train loader of the last fit
         self._creator_pid = os.getpid()
         self._handoff = Path(tempfile.gettempdir()) / f"lightning_obq_{os.getpid()}_{id(self):x}.json"
-        weakref.finalize(self, _unlink, self._handoff)
+        weakref.finalize(self, _unlink, self._handoff, self._creator_pid)
         self.wandb_offline = wandb_offline
         if wandb_offline:
             default_wandb_offline()  # must precede the WandbLogger's run, created before any callback hook
@@ -671,8 +671,10 @@ def _evaluating(trainer: pl.Trainer) -> bool:
     return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not trainer.sanity_checking
 
 
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
+def _unlink(path: Path, owner: int) -> None:
+    """Remove an unread handoff file, in the process that created the callback only (not a forked worker)."""
+    if os.getpid() == owner:
+        path.unlink(missing_ok=True)
 
 
 def compare_metrics(fp: Mapping[str, float], quant: Mapping[str, float]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_obq import OBQCallback, QuantConfig
 from lightning_obq.hessian import weight_matrix
+from lightning_obq.loggers import BN_CODES
 from lightning_obq.quantizer import dequantize_codes
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -167,11 +168,26 @@ def read_wandb_history(run_dir: Path, require: str = "obq/bits", timeout: float 
 
 
 def _wandb_history_once(run_dir: Path) -> list[dict[str, Any]]:
-    """One read of the history rows of an offline run's ``.wandb`` file.
+    """One read of the history rows of an offline run's ``.wandb`` file (nested keys joined with ``/``)."""
+    return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            for record in _wandb_records(run_dir) if record.WhichOneof("record_type") == "history"]
+
+
+def read_wandb_config(run_dir: Path) -> dict[str, Any]:
+    """The run config of an offline W&B run (``wandb.config`` updates, e.g. from ``log_hyperparams``)."""
+    config: dict[str, Any] = {}
+    for record in _wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "config":
+            config.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.config.update})
+    return config
+
+
+def _wandb_records(run_dir: Path) -> list[Any]:
+    """The complete protobuf ``Record``s of an offline run's ``.wandb`` file, read once.
 
     The file is a ``:W&B`` header (7 bytes) followed by a LevelDB-style log of protobuf ``Record``s
     (32 KiB blocks; 7-byte record headers: crc32, length, type FULL/FIRST/MIDDLE/LAST); the records are
-    decoded with wandb's own protobuf classes. Nested keys are joined with ``/``.
+    decoded with wandb's own protobuf classes. A record still being written at the end is left out.
     """
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -181,7 +197,7 @@ def _wandb_history_once(run_dir: Path) -> list[dict[str, Any]]:
     (path,) = paths
     data = path.read_bytes()
     assert data[:4] == b":W&B"
-    block, pos, pending, rows = 32768, 7, b"", []
+    block, pos, pending, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
@@ -197,11 +213,9 @@ def _wandb_history_once(run_dir: Path) -> list[dict[str, Any]]:
         if kind in (2, 3):  # FIRST, MIDDLE
             pending += chunk
             continue
-        record = pb.Record.FromString(pending + chunk)
+        records.append(pb.Record.FromString(pending + chunk))
         pending = b""
-        if record.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
-    return rows
+    return records
 
 
 def read_csv_metrics(path: Path) -> dict[str, float]:
@@ -278,7 +292,8 @@ def test_fit_logs_fp_and_quantized_metrics_to_wandb_and_csv(tmp_path: Path, monk
     assert not torch.equal(model.head.weight, keep.state["head.weight"])
 
     expected = {
-        "val_acc": report.metrics["val_acc"], "obq/val_acc": report.metrics["obq/val_acc"],
+        "obq/fp/val_acc": report.metrics["val_acc"], "obq/fp/val_loss": report.metrics["val_loss"],
+        "obq/val_acc": report.metrics["obq/val_acc"],
         "obq/val_acc_delta": report.metrics["obq/val_acc_delta"], "obq/top1_agreement": None, "obq/kl_div": None,
         "obq/seconds_total": report.total_seconds, "obq/seconds_calibration": report.calib_seconds,
         "obq/seconds_solve": report.solve_seconds, "obq/seconds_bn": report.bn_seconds,
@@ -310,6 +325,11 @@ def test_fit_logs_fp_and_quantized_metrics_to_wandb_and_csv(tmp_path: Path, monk
     assert table["columns"][:2] == ["layer", "kind"] and [r[0] for r in table["data"]] == ["features.0",
                                                                                           "features.3", "head"]
     assert any(k.startswith("obq/layer_error_plot") for k in logged)
+    bn = report.batchnorm  # the BatchNorm decision: scalars in the history, the modes in the run config
+    assert logged["obq/bn/chosen"] == BN_CODES[bn["chosen"]] and bn["mode"] == "auto"
+    assert logged["obq/bn/keep/kl_div"] == pytest.approx(bn["candidates"]["keep"]["kl_div"], rel=1e-6)
+    config = read_wandb_config(run_dir)
+    assert config["obq/bn_mode"] == "auto" and config["obq/bn_chosen"] == bn["chosen"]
 
     # CSV
     csv_metrics = read_csv_metrics(Path(csv_logger.log_dir) / "metrics.csv")
@@ -718,8 +738,6 @@ def test_fit_then_test_or_validate_on_checkpoints_runs_the_quantized_model(
 def test_batchnorm_decision_in_a_csv_logger_run(tmp_path: Path) -> None:
     """Issue 16: the chosen BatchNorm mode and the candidates' figures reach a real CSVLogger."""
     import yaml
-
-    from lightning_obq.loggers import BN_CODES
 
     pl.seed_everything(0)
     cb = OBQCallback(bits=3, calib_samples=128, evaluate=False)

@@ -82,16 +82,21 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> None:
-    script = tmp_path / "ddp_obq.py"
-    script.write_text(SCRIPT)
+def run_script(tmp_path: Path, name: str, text: str) -> None:
+    """Run ``text`` as ``tmp_path/name`` with ``tmp_path`` as its argument (tests/ importable, 1 thread)."""
+    script = tmp_path / name
+    script.write_text(text)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     env.pop("WANDB_MODE", None)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> None:
+    run_script(tmp_path, "ddp_obq.py", SCRIPT)
 
     q0 = torch.load(tmp_path / "quantized0.pt", weights_only=True)
     q1 = torch.load(tmp_path / "quantized1.pt", weights_only=True)
@@ -192,13 +197,7 @@ SPAWN_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_spawn_hands_the_report_to_the_main_process(tmp_path: Path) -> None:
-    script = tmp_path / "spawn_obq.py"
-    script.write_text(SPAWN_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_script(tmp_path, "spawn_obq.py", SPAWN_SCRIPT)
     out = json.loads((tmp_path / "spawn.json").read_text())
     assert out["samples"] == 64 and out["layers"] == ["features.0", "features.3", "head"]
     assert out["metrics"]["obq/val_acc"] == pytest.approx(out["callback_metrics"]["obq/val_acc"], abs=1e-6)

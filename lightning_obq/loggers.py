@@ -3,7 +3,8 @@
 Metric names (all floats, logged at the trainer's ``global_step``):
 
 - task metrics: the module's own validation metrics before quantizing under their own names
-  (``val_acc``), after quantizing as ``obq/<name>`` and the difference as ``obq/<name>_delta``;
+  (``val_acc``; `OBQCallback` logs them as ``obq/fp/val_acc``), after quantizing as ``obq/<name>`` and
+  the difference as ``obq/<name>_delta``;
 - output fidelity: ``obq/top1_agreement``, ``obq/kl_div`` (see `lightning_obq.fidelity`);
 - cost: ``obq/seconds_total``, ``obq/seconds_calibration``, ``obq/seconds_solve``, ``obq/seconds_bn``,
   ``obq/peak_rss_mb``, ``obq/cuda_peak_mb``;

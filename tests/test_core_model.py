@@ -261,3 +261,13 @@ def test_linear_model_with_sequence_inputs() -> None:
     assert report.samples == 8
     quantize_model(model, [x], QuantConfig(bits=8, progress=False))
     assert (model(x) - ref).abs().max() < 0.05
+
+
+def test_pins_apply_to_uniform_runs_and_a_pattern_must_match_a_layer() -> None:
+    x = images()
+    model = small_cnn()
+    report = quantize_model(model, [x], QuantConfig(bits=3, pin={"6": 8, "1?": 6}, progress=False))
+    assert {s.name: s.bits for s in report.layers} == {"0": 3, "3": 3, "6": 8, "8": 3, "13": 6}
+    assert report.results["6"].bits == 8 and int(report.results["6"].codes.max()) > 7
+    with pytest.raises(ValueError, match=r"QuantConfig.pin pattern '\*_depthwise_conv' matches no layer"):
+        quantize_model(small_cnn(), [x], QuantConfig(bits=4, pin={"*_depthwise_conv": 8}, progress=False))

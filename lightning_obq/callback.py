@@ -364,7 +364,8 @@ class OBQCallback(Callback):
     def check_trainable(self, pl_module: pl.LightningModule) -> None:
         """Refuse to train quantized weights; a fit from full-precision weights starts afresh."""
         loaded_quantized = bool(self._loaded_state and self._loaded_state.get("quantized"))
-        if loaded_quantized or (self._fingerprints.get("quantized") == module_fingerprint(pl_module)):
+        ours = self._fingerprints.get("quantized")
+        if loaded_quantized or (ours is not None and ours == module_fingerprint(pl_module)):
             raise RuntimeError(
                 "OBQCallback: this checkpoint holds a quantized model; resuming trainer.fit from it is refused "
                 "because training would move the weights off the quantization grid. Load it with "

@@ -389,6 +389,12 @@ def test_checkpoint_after_quantization_reloads_quantized_and_refuses_resume(tmp_
     with pytest.raises(RuntimeError, match="refused"):
         make_trainer(tmp_path, [resumed], max_epochs=2).fit(TinyNet(), train_loader(64), val_loader(),
                                                              ckpt_path=ckpt)
+    # training the quantized module again in this process is refused too; a fit from FP weights is not
+    with pytest.raises(RuntimeError, match="refused"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(model, train_loader(64), val_loader())
+    refit = TinyNet()
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(refit, train_loader(64), val_loader())
+    assert cb.quantized and cb.report.layers[0].name == "features.0"
     # validating it with a validation_start callback does not quantize again
     again = OBQCallback(bits=4, when="validation_start", calib_samples=64, skip="head")
     fresh = TinyNet()

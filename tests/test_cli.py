@@ -126,6 +126,11 @@ def test_quantize_local_torchvision_model_on_image_folder(capsys, tmp_path, cach
     assert "fastobq (sensi_dyn)" in printed and out.is_file()
     data = json.loads(report.read_text())
     row = data["row"]
+    # the BatchNorm decision: in the report table, in the comparison table's BN column and in the JSON
+    bn = data["report"]["batchnorm"]
+    assert bn["mode"] == "auto" and bn["chosen"] in bn["candidates"] and row["bn"] == bn["chosen"]
+    assert f"BatchNorm ({bn['layers']} layers): auto -> {bn['chosen']} (kl_div on 4 held-back samples" in printed
+    assert "BN: the BatchNorm statistics each run ended with (bn_mode auto" in printed
     assert row["status"] == "ok" and 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["top1_agreement"] <= 1.0
     names = [layer["name"] for layer in data["report"]["layers"]]
     assert "model.conv1" in names and not any(n.startswith(("model.layer3", "model.layer4")) for n in names)
@@ -163,6 +168,7 @@ def test_default_run_reduced(capsys, tmp_path, cache, keep_threads):
                          ("rtn", 2)}
     for r in rows.values():
         assert r["status"] == "ok" and r["samples"] == 128 and r["seconds"] > 0 and r["peak_rss_mb"] > 0
+        assert r["bn"] in ("keep", "correct", "reestimate") and r["batchnorm"]["mode"] == "auto"
     assert data["train"]["cached"] is False and data["command"].startswith("lightning-obq --epochs 1")
     assert (out / "comparison.png").stat().st_size > 10_000
     runs = list((out / "wandb").glob("offline-run-*"))

@@ -364,7 +364,7 @@ def test_without_loggers_the_report_is_logged(tmp_path: Path, caplog: pytest.Log
     pl.seed_everything(0)
     cb = OBQCallback(bits=3, method="gptq", evaluate=False, calib_samples=64, reestimate_bn=False)
     model = TinyNet()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         make_trainer(tmp_path, [cb], max_epochs=1).fit(model, train_loader(64), val_loader())
     assert "OBQCallback report" in caplog.text and "features.3" in caplog.text
     assert cb.report is not None and cb.report.metrics == {}  # evaluate=False: no task/fidelity metrics
@@ -688,7 +688,7 @@ def test_fit_then_test_or_validate_on_checkpoints_runs_the_quantized_model(
     assert trainer.callback_metrics["obq/val_acc"] == pytest.approx(fit_report.metrics["obq/val_acc"])
 
     # last.ckpt = the FP weights this callback quantized: they are put back, and said so
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         (last,) = trainer.test(model, val_loader(), ckpt_path="last", verbose=False)
     assert "holds the full-precision weights this callback quantized" in caplog.text
     assert_same_state(state(model), quantized)
@@ -703,7 +703,7 @@ def test_fit_then_test_or_validate_on_checkpoints_runs_the_quantized_model(
     # an earlier epoch's FP file: quantized before the loop, saved beside it
     (epoch0,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         (first,) = trainer.validate(model, val_loader(), ckpt_path=str(epoch0), verbose=False)
     assert "holds full-precision weights; quantizing them (W4 fastobq) before validating" in caplog.text
     assert cb.report is not fit_report and grid_rows(model)
@@ -716,7 +716,7 @@ def test_fit_then_test_or_validate_on_checkpoints_runs_the_quantized_model(
 
     # the module as it is, then the quantized file: evaluated as is; so by a fresh callback (another process)
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         trainer.test(model, val_loader(), verbose=False)
         assert "the module is already quantized (W4 fastobq); testing it as is" in caplog.text
         trainer.test(model, val_loader(), ckpt_path=str(final), verbose=False)

@@ -350,7 +350,7 @@ def test_hydra_train_then_test_best_reports_the_quantized_model(project: Path, c
     cfg = _compose(project, "train", [*OBQ, "optimized_metric=obq/val/acc", f"paths.output_dir={out}"])
     train = _script(project, "train")
     utils = _script(project, "utils")
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         metric_dict, objects = train.train(cfg)
     model, trainer, dm = objects["model"], objects["trainer"], objects["datamodule"]
     cb = _obq(trainer)
@@ -397,7 +397,7 @@ def test_hydra_train_then_test_best_reports_the_quantized_model(project: Path, c
                                      f"paths.output_dir={eval_out}"])
     evaluate = _script(project, "eval")
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         metrics, objects = evaluate.evaluate(cfg)
     assert "holds full-precision weights; quantizing them (W4 fastobq) before testing" in caplog.text
     assert_each_name_once_per_step(_csv_path(eval_out))
@@ -413,7 +413,7 @@ def test_hydra_train_then_test_best_reports_the_quantized_model(project: Path, c
     quantized_ckpt = out / "checkpoints" / "obq-w4-final.ckpt"
     cfg = _compose(project, "eval", [*OBQ, f"ckpt_path={quantized_ckpt}", f"paths.output_dir={eval_out}-q"])
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         metrics, objects = evaluate.evaluate(cfg)
     assert f"checkpoint {quantized_ckpt} was saved after OBQCallback quantized it (W4 fastobq)" in caplog.text
     assert "OBQCallback report" not in caplog.text
@@ -426,7 +426,7 @@ def test_hydra_best_from_an_earlier_epoch_is_quantized_before_test(project: Path
     out = project / "outputs" / "train-min"
     cfg = _compose(project, "train", [*OBQ, "callbacks.model_checkpoint.mode=min", "trainer.max_epochs=2",
                                       f"paths.output_dir={out}"])
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         metric_dict, objects = _script(project, "train").train(cfg)
     model, trainer, dm = objects["model"], objects["trainer"], objects["datamodule"]
     cb = _obq(trainer)

@@ -75,7 +75,7 @@ def test_fit_then_test_best_with_obq_w4_config(tmp_path: Path, caplog: pytest.Lo
     cb = _callback(cli)
     assert cb.config.bn_mode == "auto" and cb.quantized
     best = cli.trainer.checkpoint_callback.best_model_path
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     assert f"checkpoint {best} holds" in caplog.text  # the FP weights it quantized, or an earlier epoch's
     assert_on_grid(cli.model, cb.report, bits=4)
@@ -85,7 +85,7 @@ def test_fit_then_test_best_with_obq_w4_config(tmp_path: Path, caplog: pytest.Lo
     assert (tmp_path / "ckpt" / "obq-w4-final.ckpt").is_file()
 
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         fresh = LightningCLI(
             TinyNet, TinyDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True},
             args=["test", "--config", str(CONFIGS / "obq_w4.yaml"), *_common(tmp_path),

@@ -217,7 +217,11 @@ def plan_batchnorm(
                              sync=sync)
     total = sum(batch_size(b) for b in batches)
     held = min(holdout_samples, round(total * holdout))
-    if held < 1 or held >= total:
+    too_few = held < 1 or held >= total
+    if sync is not None:  # every process must take the same path, or the collectives below would hang
+        device = batchnorm_layers(model)[0].running_mean.device
+        too_few = float(sync.sum(torch.tensor([float(too_few)], dtype=torch.float64, device=device))[0]) > 0
+    if too_few:
         note = f"{total} calibration samples are too few to hold some back: trained statistics kept"
         log.warning("BatchNorm auto: %s", note)
         return BatchNormPlan(mode, note=note)

@@ -45,7 +45,7 @@ def photographs() -> tuple[torch.Tensor, ...]:
 def photo_crops(n: int, seed: int, size: int, split: str = "calibration",
                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
                 ) -> torch.Tensor:
-    """``n`` random square crops (side 30-100 % of the half-photo's height or width), resized to ``size``,
+    """``n`` random square crops (side 50-100 % of the half-photo's height or width), resized to ``size``,
     randomly mirrored, normalised with ``mean``/``std``: ``[n, 3, size, size]``. ``split`` picks the half."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
@@ -57,7 +57,7 @@ def photo_crops(n: int, seed: int, size: int, split: str = "calibration",
         half = photo.shape[2] // 2
         photo = photo[:, :, :half] if split == "calibration" else photo[:, :, half:]
         h, w = photo.shape[1:]
-        side = int(min(h, w) * (0.3 + 0.7 * float(torch.rand(1, generator=g))))
+        side = int(min(h, w) * (0.5 + 0.5 * float(torch.rand(1, generator=g))))
         y = int(torch.randint(h - side + 1, (1,), generator=g))
         x = int(torch.randint(w - side + 1, (1,), generator=g))
         crop = F.interpolate(photo[None, :, y:y + side, x:x + side], size=(size, size), mode="bilinear",

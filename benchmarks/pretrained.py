@@ -164,7 +164,7 @@ def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrained.md")
-    parser.add_argument("--models", nargs="+",
+    parser.add_argument("--models", nargs="*",
                         default=["efficientnet-lite1", "efficientnet-lite2", "pnet", "rnet", "onet"])
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
     parser.add_argument("--calib-samples", type=int, default=256)

@@ -98,21 +98,22 @@ def _channel_mean(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.mean(dim=[d for d in range(x.dim()) if d != 1]), x.numel() // x.shape[1]
 
 
-def batch_input_means(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn | None = None
-                      ) -> list[torch.Tensor]:
-    """Per-channel mean of every BatchNorm's input on each batch: one ``[batches, C]`` float64 tensor per
-    BatchNorm, in `batchnorm_layers` order (a BatchNorm called twice per forward keeps its last call)."""
-    layers = batchnorm_layers(model)
-    means = [torch.zeros(len(batches), m.num_features, dtype=torch.float64, device=m.running_mean.device)
-             for m in layers]
+def _each_batchnorm_input(
+    model: nn.Module,
+    batches: Sequence[Any],
+    forward_fn: ForwardFn | None,
+    visit: Callable[[int, int, nn.Module, torch.Tensor], None],
+) -> None:
+    """Run ``batches`` one by one, calling ``visit(layer index, batch index, module, input)`` just before each
+    BatchNorm of `batchnorm_layers` runs (it may change the module's buffers for that call)."""
     current = [0]
 
     def hook(index: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            means[index][current[0]] = _channel_mean(inputs[0])[0]
-        return record
+        def call(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            visit(index, current[0], module, inputs[0])
+        return call
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(batchnorm_layers(model))]
     try:
         for i, batch in enumerate(batches):
             current[0] = i
@@ -120,6 +121,19 @@ def batch_input_means(model: nn.Module, batches: Sequence[Any], forward_fn: Forw
     finally:
         for h in handles:
             h.remove()
+
+
+def batch_input_means(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn | None = None
+                      ) -> list[torch.Tensor]:
+    """Per-channel mean of every BatchNorm's input on each batch: one ``[batches, C]`` float64 tensor per
+    BatchNorm, in `batchnorm_layers` order (a BatchNorm called twice per forward keeps its last call)."""
+    means = [torch.zeros(len(batches), m.num_features, dtype=torch.float64, device=m.running_mean.device)
+             for m in batchnorm_layers(model)]
+
+    def record(index: int, batch: int, module: nn.Module, x: torch.Tensor) -> None:
+        means[index][batch] = _channel_mean(x)[0]
+
+    _each_batchnorm_input(model, batches, forward_fn, record)
     return means
 
 
@@ -143,25 +157,15 @@ def correct_batchnorm(
     trained = [m.running_mean.detach().clone() for m in layers]
     shift_sums = [torch.zeros_like(fp[0]) for fp in fp_means]
     counts = [torch.zeros(1, dtype=torch.float64, device=fp.device) for fp in fp_means]
-    current = [0]
 
-    def hook(index: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def shift(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            mean, n = _channel_mean(inputs[0])
-            delta = mean - fp_means[index][current[0]]
-            module.running_mean.copy_(trained[index] + delta.to(trained[index].dtype))
-            shift_sums[index] += delta * n
-            counts[index] += n
-        return shift
+    def shift(index: int, batch: int, module: nn.Module, x: torch.Tensor) -> None:
+        mean, n = _channel_mean(x)
+        delta = mean - fp_means[index][batch]
+        module.running_mean.copy_(trained[index] + delta.to(trained[index].dtype))
+        shift_sums[index] += delta * n
+        counts[index] += n
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
-    try:
-        for i, batch in enumerate(batches):
-            current[0] = i
-            run_batches(model, [batch], forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
+    _each_batchnorm_input(model, batches, forward_fn, shift)
     if sync is not None:
         shift_sums = [sync.sum(t) for t in shift_sums]
         counts = [sync.sum(c) for c in counts]

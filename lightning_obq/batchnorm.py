@@ -40,6 +40,7 @@ from .calibration import (
     model_device,
     run_batches,
     split_batches,
+    squared_output_change,
     to_device,
 )
 from .fidelity import OutputFidelity, class_scores
@@ -247,20 +248,15 @@ def _detached(output: Any) -> Any:
 
 def _score(model: nn.Module, plan: BatchNormPlan, forward_fn: ForwardFn | None) -> dict[str, float]:
     """Fidelity of the model's current outputs on the held-back batches to the recorded FP outputs."""
-    forward = forward_fn or default_forward
     device = model_device(model)
-    fidelity = OutputFidelity() if plan.metric == "kl_div" else None
-    squared, count = 0.0, 0
-    with torch.no_grad():
-        for batch, ref in zip(plan.holdout, plan.reference, strict=True):
-            out = _detached(forward(model, to_device(batch, device)))
-            if fidelity is not None:
-                fidelity.update(class_scores(ref), class_scores(out))
-            else:
-                squared += float((out - ref).double().pow(2).sum())
-                count += ref.numel()
-    if fidelity is not None:
+    if plan.metric == "kl_div":
+        forward = forward_fn or default_forward
+        fidelity = OutputFidelity()
+        with torch.no_grad():
+            for batch, ref in zip(plan.holdout, plan.reference, strict=True):
+                fidelity.update(class_scores(ref), class_scores(forward(model, to_device(batch, device))))
         return fidelity.compute()  # torchmetrics: synchronised over processes when distributed
+    squared, count = squared_output_change(model, plan.holdout, plan.reference, forward_fn)
     if plan.sync is not None:
         total = plan.sync.sum(torch.tensor([squared, float(count)], dtype=torch.float64, device=device))
         squared, count = float(total[0]), int(total[1])

@@ -62,6 +62,24 @@ def flat_output(out: Any, detach: bool = True) -> torch.Tensor:
     return torch.empty(0)
 
 
+def squared_output_change(
+    model: nn.Module, batches: Iterable[Any], references: Iterable[Any], forward_fn: ForwardFn | None = None
+) -> tuple[float, int]:
+    """Summed squared difference of the model's (flattened, floating) outputs on ``batches`` from the
+    recorded ``references``, and how many values were compared: the output-MSE measure that mixed
+    precision's check and the BatchNorm choice share."""
+    forward = forward_fn or default_forward
+    device = model_device(model)
+    squared, count = 0.0, 0
+    with torch.no_grad():
+        for batch, ref in zip(batches, references, strict=True):
+            ref = flat_output(ref)
+            out = flat_output(forward(model, to_device(batch, device))).to(ref.device)
+            squared += float((out - ref).double().pow(2).sum())
+            count += ref.numel()
+    return squared, count
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """The batch with every tensor moved to ``device``."""
     return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))

@@ -47,6 +47,7 @@ from .calibration import (
     flat_output,
     model_device,
     slice_batch,
+    squared_output_change,
     to_device,
 )
 
@@ -144,8 +145,7 @@ def _output_change(
             module.weight.data.copy_(weight)
         if settle is not None:
             settle()
-        diff = sum(float((flat_output(forward(model, b)) - r).pow(2).sum())
-                   for b, r in zip(batches, reference, strict=True))
+        diff, _ = squared_output_change(model, batches, reference, forward)
     finally:
         for module, weight in originals.items():
             module.weight.data.copy_(weight)

@@ -33,20 +33,27 @@ from pretrained_models import EFFICIENTNET_SIZES, MTCNN_SIZES, load_efficientnet
 
 from lightning_obq import QuantConfig, capture_hessians, quantize_model
 from lightning_obq.cli import estimate_obq_seconds
-from lightning_obq.fidelity import output_fidelity
+from lightning_obq.fidelity import OutputFidelity
 
 MTCNN_NORM = {"mean": (127.5 / 255,) * 3, "std": (128 / 255,) * 3}
 METHODS = [("fastobq", None), ("gptq", "none"), ("gptq", "act"), ("rtn", None), ("obq", None)]
 BUDGETS = (4.0, 3.0)
 
 
-def face_fidelity(reference: nn.Module, candidate: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, float]:
+def reference_outputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[Any]:
+    """The FP model's outputs on the evaluation batches, computed once per model and compared with every row."""
+    with torch.no_grad():
+        return [model(x) for x in batches]
+
+
+def face_fidelity(reference: Sequence[Any], candidate: nn.Module, batches: Sequence[torch.Tensor]
+                  ) -> dict[str, float]:
     """MTCNN: mean squared difference of all outputs (boxes, landmarks, face probabilities) and the share of
     positions whose face/no-face decision (arg-max of the probabilities, the last output) is unchanged."""
     squared, count, same, total = 0.0, 0, 0, 0
     with torch.no_grad():
-        for x in batches:
-            ref, cand = reference(x), candidate(x)
+        for x, ref in zip(batches, reference, strict=True):
+            cand = candidate(x)
             for r, c in zip(ref, cand, strict=True):
                 squared += float((r - c).double().pow(2).sum())
                 count += r.numel()
@@ -55,9 +62,14 @@ def face_fidelity(reference: nn.Module, candidate: nn.Module, batches: Sequence[
     return {"output_mse": squared / count, "face_agreement": same / total}
 
 
-def classifier_fidelity(reference: nn.Module, candidate: nn.Module, batches: Sequence[torch.Tensor]
+def classifier_fidelity(reference: Sequence[Any], candidate: nn.Module, batches: Sequence[torch.Tensor]
                         ) -> dict[str, float]:
-    return output_fidelity(reference, candidate, batches)
+    """Top-1 agreement and KL to the FP logits (`lightning_obq.fidelity.OutputFidelity`)."""
+    metric = OutputFidelity()
+    with torch.no_grad():
+        for x, ref in zip(batches, reference, strict=True):
+            metric.update(ref, candidate(x))
+    return metric.compute()
 
 
 def models(which: Sequence[str], calib: int, evaluate: int
@@ -77,14 +89,24 @@ def models(which: Sequence[str], calib: int, evaluate: int
     return out
 
 
-def run_one(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], fidelity: Callable[..., dict[str, float]],
-            config: QuantConfig, hessians: dict[str, Any]) -> dict[str, Any]:
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy whose Conv/Linear weights are rounded to ``dtype`` (and computed in float32 again)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(m.weight.to(dtype).float())
+    return out
+
+
+def run_one(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], reference: list[Any],
+            fidelity: Callable[..., dict[str, float]], config: QuantConfig, hessians: dict[str, Any]) -> dict[str, Any]:
     model = copy.deepcopy(fp)
     start = time.perf_counter()
     report = quantize_model(model, cal, config, hessians=hessians)
     seconds = time.perf_counter() - start
     row = {"seconds": seconds, "peak_mb": max(report.peak_rss_mb, current_rss_mb()),
-           "bn": report.batchnorm.get("chosen", "-"), "bits": config.bits, **fidelity(fp, model, ev)}
+           "bn": report.batchnorm.get("chosen", "-"), "bits": config.bits, **fidelity(reference, model, ev)}
     if report.allocation:
         row["average_bits"] = report.allocation["average_bits"]
         row["kept_uniform"] = report.allocation["kept_uniform"]
@@ -101,8 +123,12 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
         capture_seconds = time.perf_counter() - start
         metric_names = ["top1_agreement", "kl_div"] if fidelity is classifier_fidelity else ["face_agreement",
                                                                                               "output_mse"]
+        reference = reference_outputs(fp, ev)
         rows = []
-        uniform: dict[tuple[str, int], dict[str, Any]] = {}
+        for dtype in (torch.float16, torch.bfloat16):  # what rounding the weights alone costs, for scale
+            fid = fidelity(reference, cast_weights(fp, dtype), ev)
+            rows.append([f"weights cast to {str(dtype)[6:]} (reference)", "-", "keep", *(fid[k] for k in metric_names),
+                         "", ""])
         for method, order in METHODS:
             for bits in args.bits:
                 config = base.replace(method=method, order=order, bits=bits)
@@ -112,8 +138,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                     if estimate > args.obq_max_seconds:
                         rows.append([label, bits, "-", f"skipped (est. {estimate:.0f} s)", "", "", ""])
                         continue
-                row = run_one(fp, cal, ev, fidelity, config, hessians)
-                uniform[(label, bits)] = row
+                row = run_one(fp, cal, ev, reference, fidelity, config, hessians)
                 rows.append([label, bits, row["bn"], *(row[k] for k in metric_names), row["seconds"],
                              row["peak_mb"]])
                 print(name, rows[-1], flush=True)
@@ -121,7 +146,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
             for method, order in (("fastobq", None), ("gptq", "act")):
                 label = method + (f" ({order})" if order else "")
                 config = base.replace(method=method, order=order, bits=round(budget), budget=budget)
-                row = run_one(fp, cal, ev, fidelity, config, hessians)
+                row = run_one(fp, cal, ev, reference, fidelity, config, hessians)
                 kept = " (kept uniform)" if row["kept_uniform"] else ""
                 rows.append([f"{label} mixed {budget:g}{kept}", fmt(row["average_bits"]), row["bn"],
                              *(row[k] for k in metric_names), row["seconds"], row["peak_mb"]])
@@ -149,7 +174,7 @@ def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
     report = quantize_model(model, cal, QuantConfig(bits=4, budget=4.0, calib_samples=args.timed_calib_samples,
                                                     progress=False))
     wall = time.perf_counter() - start
-    fid = output_fidelity(fp, model, ev)
+    fid = classifier_fidelity(reference_outputs(fp, ev), model, ev)
     a = report.allocation or {}
     rows = [[f"efficientnet-lite2, budget 4.0 bits, {args.timed_calib_samples} calibration crops", wall,
              report.calib_seconds, report.solve_seconds, report.bn_seconds, fmt(a.get("average_bits")),

@@ -205,11 +205,14 @@ def output_gains(
             for n, change in zip(names, changes, strict=True)}
 
 
-def _layer_response(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """What a Conv/Linear layer adds to its output when its weight changes by ``delta`` (no bias)."""
-    if isinstance(module, nn.Linear):
-        return torch.nn.functional.linear(x, delta)
-    return module._conv_forward(x, delta, None)  # type: ignore[operator]  # nn.Conv1d/2d/3d
+def _layer_response(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor) -> torch.Tensor:
+    """What a Conv/Linear layer adds to its output when its weight changes by ``delta``: the layer's own
+    forward with weight ``delta`` and a zero bias, so a subclass that pads in its forward (TensorFlow-style
+    'same' convs, as in EfficientNet-Lite) gets its own geometry. Forward hooks do fire for this call."""
+    params = {"weight": delta}
+    if getattr(module, "bias", None) is not None:
+        params["bias"] = torch.zeros_like(module.bias)
+    return torch.func.functional_call(module, params, inputs)
 
 
 def linear_output_changes(
@@ -238,10 +241,18 @@ def linear_output_changes(
     outputs: dict[str, torch.Tensor] = {}
     responses: dict[str, torch.Tensor] = {}
 
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    responding = [False]
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if responding[0]:  # the call from `_layer_response` itself
+            return None
         name = by_module[module]
-        with torch.no_grad():
-            responses[name] = _layer_response(module, inputs[0], deltas[name])
+        responding[0] = True
+        try:
+            with torch.no_grad():
+                responses[name] = _layer_response(module, inputs, deltas[name])
+        finally:
+            responding[0] = False
         outputs[name] = output
         return output.clone()  # later in-place ops (ReLU(inplace=True)) must not alter the tensor we differentiate
 

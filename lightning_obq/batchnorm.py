@@ -318,6 +318,29 @@ def settle_batchnorm(model: nn.Module, plan: BatchNormPlan, forward_fn: ForwardF
     return decision
 
 
+@dataclass
+class SettledBatchNorm:
+    """What `settle_batchnorm` decided for one set of quantized weights and the BatchNorm buffers it left, so a
+    model that ends with exactly those weights (mixed precision's measured check) takes them instead of
+    measuring again."""
+
+    decision: dict[str, Any]
+    states: list[dict[str, torch.Tensor]]
+
+    def restore(self, model: nn.Module) -> dict[str, Any]:
+        """Load the settled buffers into ``model``'s BatchNorms and return the decision."""
+        for m, state in zip(batchnorm_layers(model), self.states, strict=True):
+            m.load_state_dict(state)
+        return self.decision
+
+
+def settle_and_record(model: nn.Module, plan: BatchNormPlan, forward_fn: ForwardFn | None = None
+                      ) -> SettledBatchNorm:
+    """`settle_batchnorm`, keeping the decision and the buffers it left."""
+    decision = settle_batchnorm(model, plan, forward_fn)
+    return SettledBatchNorm(decision, [copy.deepcopy(m.state_dict()) for m in batchnorm_layers(model)])
+
+
 def describe_batchnorm(decision: dict[str, Any]) -> str:
     """One line for tables and logs: what the BatchNorm step did and, under ``auto``, why."""
     if not decision["layers"]:

@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .batchnorm import BatchNormPlan, BatchNormSync, plan_batchnorm, settle_batchnorm
+from .batchnorm import (
+    BatchNormPlan,
+    BatchNormSync,
+    SettledBatchNorm,
+    plan_batchnorm,
+    settle_and_record,
+    settle_batchnorm,
+)
 from .calibration import ForwardFn, batch_size, draw_batches, run_batches
 from .config import QuantConfig
 from .hessian import HessianAccumulator, layer_groups, weight_matrix
@@ -242,10 +249,10 @@ def quantize_model(
             with measure(device, reset_peak=False) as bn_plan:
                 plan = plan_batchnorm(model, batches, config.bn_mode, forward_fn, config.bn_holdout,
                                       config.bn_holdout_samples, batchnorm_sync)
-            _calibrate_and_solve(model, layers, batches, config, forward_fn, report, plan, hessian_reducer,
-                                 layer_solver, hessians)
+            settled = _calibrate_and_solve(model, layers, batches, config, forward_fn, report, plan,
+                                           hessian_reducer, layer_solver, hessians)
             with measure(device, reset_peak=False) as bn:
-                report.batchnorm = settle_batchnorm(model, plan, forward_fn)
+                report.batchnorm = settled.restore(model) if settled else settle_batchnorm(model, plan, forward_fn)
             report.bn_seconds = bn_plan.seconds + bn.seconds
     except BaseException:
         model.load_state_dict(backup)
@@ -277,7 +284,9 @@ def _calibrate_and_solve(
     hessian_reducer: HessianReducer | None = None,
     layer_solver: LayerSolver | None = None,
     hessians: Mapping[str, HessianAccumulator] | None = None,
-) -> None:
+) -> SettledBatchNorm | None:
+    """Capture, solve and write every layer; returns the BatchNorm step if mixed precision already settled it
+    for the final weights."""
     device = next(iter(layers.values())).weight.device
     with measure(device, reset_peak=False) as m:
         calls = _execution_order(model, layers, batches[0], forward_fn)
@@ -338,14 +347,16 @@ def _calibrate_and_solve(
     finally:
         bar.close()
     chosen = {n: widths[n][0] for n in ordered}  # uniform: `bits`, or the layer's pin
+    settled = None
     if config.mixed_precision:
-        chosen = _allocate(model, ordered, candidates, batches, config, forward_fn, report, bn_plan)
+        chosen, settled = _allocate(model, ordered, candidates, batches, config, forward_fn, report, bn_plan)
     for name, module in ordered.items():
         result = candidates[name][chosen[name]]
         report.results[name] = result
         report.layers.append(_stats(name, module, result, config, samples[name]))
         # One-pass mode: every Hessian came from the FP model, so weights are written only at the end.
         _write_weight(module, result)
+    return settled
 
 
 def _shaped(module: nn.Module, result: LayerResult) -> torch.Tensor:
@@ -378,13 +389,14 @@ def _allocate(
     forward_fn: ForwardFn | None,
     report: QuantReport,
     bn_plan: BatchNormPlan,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], SettledBatchNorm | None]:
     """Per-layer bits minimising the predicted output loss within the config's budget (see `mixed`).
 
     The winner is then checked against uniform ``config.bits`` (when that fits the budget) by measuring
     both on the sensitivity batches with all layers quantized together (after the same BatchNorm step as
-    the final model gets, ``bn_plan``); if uniform
-    changes the model output less, uniform is kept, so a budget never ends worse than uniform there.
+    the final model gets, ``bn_plan``); if uniform changes the model output less, uniform is kept, so a
+    budget never ends worse than uniform there. Returns the bits per layer and, when the check ran, the
+    BatchNorm step it settled for the winner (the final model has the same weights: no second settle).
     """
     sensitivity_batches = draw_batches(batches, config.sensitivity_samples)
     reference = {n: c.get(config.bits) or next(iter(c.values())) for n, c in candidates.items()}
@@ -418,10 +430,12 @@ def _allocate(
     uniform = baseline if None not in baseline.values() else None
     measured: dict[str, float] = {}
     kept_uniform = False
+    settled: list[SettledBatchNorm] = []  # one per assignment measured, in order
     if uniform is not None and uniform != chosen and sum(sizes[n][b] for n, b in uniform.items()) <= budget_bits:
         mixed_change, uniform_change = output_changes(
             model, layers, [{n: _shaped(layers[n], candidates[n][b]) for n, b in c.items()} for c in (chosen, uniform)],
-            sensitivity_batches, forward_fn, settle=lambda: settle_batchnorm(model, bn_plan, forward_fn),
+            sensitivity_batches, forward_fn,
+            settle=lambda: settled.append(settle_and_record(model, bn_plan, forward_fn)),
         )
         measured = {"measured_loss": mixed_change, "uniform_measured_loss": uniform_change}
         if uniform_change < mixed_change:
@@ -441,4 +455,4 @@ def _allocate(
         "kept_uniform": kept_uniform,
         "layers": {n: {"bits": b, "gain": gains[n], "predicted_loss": losses[n][b]} for n, b in chosen.items()},
     }
-    return chosen
+    return chosen, (settled[1 if kept_uniform else 0] if settled else None)

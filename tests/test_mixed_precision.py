@@ -232,3 +232,36 @@ def test_linear_gains_follow_layers_that_pad_in_their_forward() -> None:
     measured = output_changes(model, layers, [{n: w} for n, w in quantized.items()], batches)
     for (name, est), exact in zip(estimated.items(), measured, strict=True):
         assert est == pytest.approx(exact, rel=0.25), name
+
+
+def test_budgeted_batchnorm_step_equals_a_fresh_settle_of_the_final_weights() -> None:
+    """Mixed precision's measured check settles BatchNorm for the winner; the final model reuses that result,
+    which must equal settling the final weights from scratch."""
+    import copy
+
+    from lightning_obq.batchnorm import batchnorm_layers, plan_batchnorm, settle_batchnorm
+    from lightning_obq.models import MobileNetV2Small
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.randn(96, 1, 28, 28, generator=g), 3, 1, 1)
+    model = MobileNetV2Small(width=16).eval()
+    with torch.no_grad():  # trained statistics that are off for these inputs: the candidates differ
+        for bn in batchnorm_layers(model):
+            bn.running_mean.uniform_(-0.2, 0.2)
+    fresh = copy.deepcopy(model)
+    batches = list(x.split(32))
+    config = QuantConfig(bits=3, budget=3.0, progress=False)
+    report = quantize_model(model, batches, config)
+    assert "uniform_measured_loss" in report.allocation  # the check against uniform W3 ran
+    plan = plan_batchnorm(fresh, batches, "auto", holdout=config.bn_holdout, holdout_samples=config.bn_holdout_samples)
+    for name, module in fresh.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.weight.data.copy_(dict(model.named_modules())[name].weight)
+    decision = settle_batchnorm(fresh, plan)
+    assert decision["chosen"] == report.batchnorm["chosen"]
+    for mode, scores in decision["candidates"].items():
+        assert scores == pytest.approx(report.batchnorm["candidates"][mode])
+    for ours, theirs in zip(batchnorm_layers(model), batchnorm_layers(fresh), strict=True):
+        assert torch.allclose(ours.running_mean, theirs.running_mean) and torch.allclose(ours.running_var,
+                                                                                         theirs.running_var)

@@ -43,6 +43,7 @@ from lightning_obq.fidelity import OutputFidelity
 MTCNN_NORM = {"mean": (127.5 / 255,) * 3, "std": (128 / 255,) * 3}
 METHODS = [("fastobq", None), ("gptq", "none"), ("gptq", "act"), ("rtn", None), ("obq", None)]
 BUDGETS = (4.0, 3.0)
+MIXED_METHODS = [("fastobq", None), ("gptq", "act")]
 MODELS = ["efficientnet-lite1", "efficientnet-lite2", "pnet", "rnet", "onet"]
 TIMED_HEADING = "Complete budgeted run (capture included)"
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                              row["peak_mb"]])
                 print(name, rows[-1], flush=True)
         for budget in BUDGETS:
-            for method, order in (("fastobq", None), ("gptq", "act")):
+            for method, order in [m for m in MIXED_METHODS if m[0] in args.mixed_methods]:
                 label = method + (f" ({order})" if order else "")
                 config = base.replace(method=method, order=order, bits=round(budget), budget=budget)
                 row = run_one(fp, cal, ev, reference, fidelity, config, hessians)
@@ -214,6 +215,8 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=512)
+    parser.add_argument("--mixed-methods", nargs="*", default=["fastobq", "gptq"], choices=["fastobq", "gptq"],
+                        help="methods of the mixed-precision rows (gptq: act order)")
     parser.add_argument("--obq-max-seconds", type=float, default=300.0)
     parser.add_argument("--timed-calib-samples", type=int, default=256,
                         help="calibration crops of the complete budgeted run on Lite2 (0: skip it)")

@@ -68,13 +68,12 @@ class QuantConfig:
         damp: Hessian damping. ``damp_mode="absolute"`` adds ``damp`` to the diagonal (paper: 0.1);
             ``"relative"`` adds ``damp * mean(diag(H))`` (GPTQ style, e.g. 0.01).
         block_size: columns per lazy block update in fastobq/gptq (speed only: results differ by float rounding).
-            32 was fastest on this project's CPU benchmarks (GPTQ's reference uses 128 on GPUs).
+            The default is the fastest size on this project's CPU benchmarks (GPTQ's reference uses 128 on GPUs).
         refine_sweeps: most sweeps of the refinement stage after the column-parallel solve of fastobq/gptq
             (block coordinate descent over the columns on the undamped layer objective, then a closed-form
-            refit of the scales; `solvers.refine_solution`); sweeps stop early once one gains under 0.1 %.
-            ``None`` picks the method's default, 0 (off) for now: on 9 of the 12 resnet18 layer shapes it stays
-            3-21 % above exact OBQ's error and costs 1.4-2x gptq's time, short of what a default must meet;
-            ``refine_sweeps=3`` turns it on (it lowers fastobq's error on every shape).
+            refit of the scales; `refine.refine_solution`); sweeps stop early once one gains under 0.1 %.
+            ``None`` picks the method's default, 0 (off) for now: it does not yet meet the targets a default must
+            meet (see `DEFAULT_REFINE_SWEEPS`); ``refine_sweeps=3`` turns it on.
         obq_memory_mb: memory budget for the batch of per-row inverse Hessians of ``obq``.
         calibration: ``"one_pass"`` (all Hessians from the FP model) or ``"sequential"`` (each layer
             sees the outputs of already quantized predecessors).
@@ -95,7 +94,7 @@ class QuantConfig:
             mean by the change of that BatchNorm's input mean that quantization caused on the calibration
             data (empirical bias correction); ``"auto"`` (default) holds back part of the calibration
             data, tries every other mode and keeps the one whose outputs are closest to the FP model's on
-            the held-back samples (see `lightning_obq.batchnorm`), so it can never do worse there than
+            the held-back samples (see `lightning_obq.model.batchnorm`), so it can never do worse there than
             ``"keep"``. A model without BatchNorm does no extra work.
         reestimate_bn: the older spelling: ``True`` means ``bn_mode="reestimate"``, ``False`` ``"keep"``.
         bn_holdout: share of the calibration samples ``bn_mode="auto"`` holds back to measure the candidates
@@ -111,7 +110,7 @@ class QuantConfig:
         sensitivity_samples: calibration samples used to measure each layer's effect on the model output.
         gains: how mixed precision measures each layer's effect on the model output: ``"exact"`` (one
             forward pass per layer), ``"linear"`` (a first-order estimate for all layers from a few
-            forward/backward passes) or ``"auto"`` (exact up to 32 layers); see `lightning_obq.mixed`.
+            forward/backward passes) or ``"auto"`` (exact up to 32 layers); see `lightning_obq.model.mixed`.
         progress: show a progress bar over layers when on a terminal.
     """
 

@@ -83,7 +83,7 @@ def _grid_error(
     """Squared grid error of each row of ``w`` ([n, k]) for clipping ratios ``ratio`` ([n, r]) -> [n, r]."""
     scale, zero = _grid_from_range(lo * ratio, hi * ratio, maxq, symmetric)  # [n, r]
     (n, k), r = w.shape, ratio.shape[1]
-    # Cache-sized chunks scored in place in one buffer: whole [n, r, k] temporaries fall out of cache (10-30x slower).
+    # Cache-sized chunks scored in place in one buffer: whole [n, r, k] temporaries fall out of cache (much slower).
     rows = max(1, _CHUNK_ELEMENTS // max(1, r * k))
     # A row too long for one chunk splits its ratios in runs of >= 2: a 1-output sum is split across threads.
     splits = 1 if rows > 1 else min(r // 2, -(-r * k // _CHUNK_ELEMENTS))

@@ -3,8 +3,8 @@ column orders score, and the column re-ordering.
 
 The column loop rounds one column of a block, then spreads its error over the block's later columns. On a
 layer with a few hundred rows each step is a handful of operations on vectors of a few hundred values, so
-an interpreted loop (torch or numpy) runs at call-overhead speed, 6-17 µs per column; compiled with numba
-it takes well under 1 µs per column. Each ranking of ``sensi_dyn`` (score the columns, sort, permute the
+an interpreted loop (torch or numpy) runs at call-overhead speed; compiled with numba it runs at the speed
+of the arithmetic. Each ranking of ``sensi_dyn`` (score the columns, sort, permute the
 weights' columns and ``H^-1``) takes two compiled calls and one column sum instead of about twenty tensor
 calls. Each kernel does the same float32 operations in the same order as the torch code in `solvers`
 (round half to even, no fused multiply-add; a stable sort; plain copies), so the results are bitwise
@@ -30,7 +30,7 @@ _LOADERS: list[Callable[[], Callable[..., object]]] = []
 def _compiled_on_first_call(signature: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Compile for exactly ``signature`` (whatever the strides of the views passed in: one machine-code
     version per kernel) when first called, not at import; numba caches it on disk, so the compilation
-    (a few seconds) happens once per installation and later processes only load it (a fraction of one)."""
+    happens once per installation and later processes only load it."""
 
     def decorate(func: Callable[..., object]) -> Callable[..., object]:
         @functools.cache
@@ -120,7 +120,7 @@ def order_columns_kernel(
         for j in range(n):
             score[j] = -((error_sums[k, j] + expected[k, j if per_column else 0]) / hinv[k, j, j])
         order[k] = np.argsort(score, kind="mergesort")  # ascending on the negated score: stable, highest first
-        pk = order[k].astype(np.uint64)  # unsigned: indexing skips the negative-index check (a third faster)
+        pk = order[k].astype(np.uint64)  # unsigned: indexing skips the negative-index check (faster)
         for i in range(rows):
             src = w[k, i]
             dst = w_out[k, i]

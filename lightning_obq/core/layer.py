@@ -9,40 +9,33 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import QuantConfig
-from .hessian import damp_hessian
-from .measure import measure
-from .quantizer import Grid, dequantize_codes, find_grid
-from .solvers import HessianNotPositiveDefinite, refine_solution, solve_column_parallel, solve_obq, solve_rtn
+from lightning_obq.core.config import QuantConfig
+from lightning_obq.core.grid import Grid, dequantize_codes, find_grid
+from lightning_obq.core.hessian import damp_hessian
+from lightning_obq.core.measure import measure
+from lightning_obq.core.refine import refine_solution
+from lightning_obq.core.solvers import HessianNotPositiveDefinite, solve_column_parallel, solve_obq, solve_rtn
 
 log = logging.getLogger(__name__)
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
 
 
-@dataclass
-class LayerResult:
-    """Outcome of quantizing one layer.
+@dataclass(kw_only=True)
+class LayerOutcome:
+    """What quantizing one layer gave and cost, shared by `LayerResult` (with the tensors) and the report's
+    `LayerStats` (with the layer's description): one definition of these fields.
 
-    ``weight`` is the dequantized weight (same shape and dtype as the input); ``codes`` holds the
-    integer codes (uint8, same shape) with ``scale``/``zero`` of shape ``[..., d_row, n_groups]``
-    (``n_groups`` = 1 unless group-wise), so ``scale * (codes - zero)`` reproduces ``weight`` exactly
-    in float32. ``error`` is the layer objective ``tr((W-Q) H (W-Q)^T)`` with the undamped Hessian
-    (what the layer really loses), ``damped_error`` the same with the damped Hessian (what the solver
-    minimised), ``rtn_error`` the undamped objective of round-to-nearest on the same grid.
-
-    With the refinement stage (``QuantConfig.refine_sweeps > 0``, fastobq/gptq), ``solve_error`` is the
-    undamped objective of the column-parallel solve before it, ``refine_sweeps`` the sweeps it ran and
-    ``refine_seconds`` its time (part of ``seconds``); without it ``solve_error == error`` and both are 0.
+    ``error`` is the layer objective ``tr((W-Q) H (W-Q)^T)`` with the undamped Hessian (what the layer really
+    loses), ``damped_error`` the same with the damped Hessian (what the solver minimised), ``rtn_error`` the
+    undamped objective of round-to-nearest on the same grid; ``damp`` the damping used, ``seconds`` and the
+    peaks the cost. With the refinement stage (``QuantConfig.refine_sweeps > 0``, fastobq/gptq),
+    ``solve_error`` is the undamped objective of the column-parallel solve before it, ``refine_sweeps`` the
+    sweeps it ran and ``refine_seconds`` its time (part of ``seconds``); without it ``solve_error == error``
+    and both are 0.
     """
 
-    weight: torch.Tensor
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
     bits: int
-    group_size: int | None
-    perm: torch.Tensor | None
     error: float
     damped_error: float
     rtn_error: float
@@ -59,12 +52,29 @@ class LayerResult:
             self.solve_error = self.error
 
 
+@dataclass
+class LayerResult(LayerOutcome):
+    """Outcome of quantizing one layer: the `LayerOutcome` figures and the quantized tensors.
+
+    ``weight`` is the dequantized weight (same shape and dtype as the input); ``codes`` holds the
+    integer codes (uint8, same shape) with ``scale``/``zero`` of shape ``[..., d_row, n_groups]``
+    (``n_groups`` = 1 unless group-wise), so ``scale * (codes - zero)`` reproduces ``weight`` exactly
+    in float32; ``perm`` is the column order the solver used (``None`` if natural).
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int | None
+    perm: torch.Tensor | None
+
+
 def layer_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """``sum_g tr((W_g - Q_g) H_g (W_g - Q_g)^T)`` for ``[G, d_row, d_col]`` weights.
 
-    The product runs in float32 (a float64 one cost ~0.2 s per evaluation on a 512x4608 layer here);
-    only the final sum is float64. Against a float64 evaluation the relative difference was 1e-9 to
-    1e-8 at 2, 4 and 8 bits on Hessians with condition numbers up to 2e7.
+    The product runs in float32 (a float64 one is much slower on large layers); only the final sum is
+    float64, which keeps the result within float32 rounding of a float64 evaluation.
     """
     d = (w - q).float()
     return float(((d @ h.float()) * d).sum(dtype=torch.float64))
@@ -123,8 +133,8 @@ def quantize_layer(
         raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
     if not torch.isfinite(h).all():
         raise ValueError(f"layer {name!r}: Hessian contains NaN or Inf")
-    # Inference mode: no autograd bookkeeping on the solvers' many small tensor ops (about 10 % of a small
-    # layer's solve); the tensors kept in the result are cloned out of it below.
+    # Inference mode: no autograd bookkeeping on the solvers' many small tensor ops (a noticeable share
+    # of a small layer's solve); the tensors kept in the result are cloned out of it below.
     with measure(w.device) as m, torch.inference_mode():
         w = w.detach().float()
         h = h.detach().float()

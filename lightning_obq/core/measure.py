@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import resource
 import sys
@@ -9,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,3 +74,43 @@ def measure(device: torch.device | str | None = None, reset_peak: bool = True) -
             result.cuda_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         result.seconds = time.perf_counter() - start
         result.peak_rss_mb = peak_rss_mb()
+
+
+def _proc_field(path: str, prefix: str) -> str | None:
+    """The text after ``prefix`` on the first line of ``path`` that starts with it (``None`` if unreadable)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line[len(prefix):].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and software a measurement ran on: written next to every number published (CLI reports,
+    benchmark results).
+
+    Keys: ``cpu``, ``cores``, ``ram_gb`` (``None`` if unknown), ``system``, ``release``, ``platform``,
+    ``python``, ``torch``, ``blas``, ``torch_threads``, ``load_average`` (where the OS reports it) and
+    ``cuda_device`` (with CUDA).
+    """
+    cpu = (_proc_field("/proc/cpuinfo", "model name") or "").lstrip(":").strip()
+    mem = _proc_field("/proc/meminfo", "MemTotal:")
+    config = torch.__config__.show()
+    blas = next((config.split(k, 1)[1].split(",", 1)[0].strip() for k in ("BLAS_INFO=", "LAPACK_INFO=")
+                 if k in config), "unknown")
+    info: dict[str, Any] = {
+        "cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "ram_gb": int(mem.split()[0]) / 2**20 if mem else None, "system": platform.system(),
+        "release": platform.release(), "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "blas": blas, "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import cache_dir, fashion_mnist
+from lightning_obq.demo.data import cache_dir, fashion_mnist
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def build_detection_dataset(
 
     Args:
         root: parent folder; the set goes to ``<root>/fashion-det-<key>`` (default root:
-            ``<cache>/detection``, see `lightning_obq.data.cache_dir`).
+            ``<cache>/detection``, see `lightning_obq.demo.data.cache_dir`).
         spec: the set's shape; or give its fields as keyword arguments (``train_images=200``).
-        source: where the Fashion-MNIST files are (see `lightning_obq.data.prepare_fashion_mnist`).
+        source: where the Fashion-MNIST files are (see `lightning_obq.demo.data.prepare_fashion_mnist`).
     """
     if spec is None:
         spec = DetectionSetSpec(**spec_fields)  # type: ignore[arg-type]

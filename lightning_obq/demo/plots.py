@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import QuantReport
+from lightning_obq.model.report import QuantReport
 
 
 def plot_comparison(

@@ -21,9 +21,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file, save_file
 
-from .data import FashionMNISTDataModule, cache_dir
-from .measure import measure
-from .models import ARCHITECTURES, ImageClassifier
+from lightning_obq.core.measure import measure
+from lightning_obq.demo.data import FashionMNISTDataModule, cache_dir
+from lightning_obq.demo.models import ARCHITECTURES, ImageClassifier
 
 log = logging.getLogger(__name__)
 

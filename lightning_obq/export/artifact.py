@@ -1,7 +1,7 @@
 """Real low-bit artifacts: packed integer weights in one safetensors file, and loading them back.
 
 `save_quantized` writes, for every quantized layer, the integer codes bit-packed densely
-(`lightning_obq.packing`), the scales and zero points (per channel or per group) and the column
+(`lightning_obq.export.packing`), the scales and zero points (per channel or per group) and the column
 permutation if the solver used one; every other parameter and buffer of the model in its own dtype;
 and a JSON header (format name and version, library version, config, layer list, a BLAKE2b digest of
 every tensor) in the safetensors metadata. Nothing is pickled, so loading never executes code.
@@ -37,13 +37,20 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import LAYER_TYPES
-from .layer import LayerResult
-from .packing import pack_codes, packed_size, unpack_codes
-from .quantize import model_size_mb
-from .quantizer import Grid, dequantize_codes
-from .report import QuantReport
-from .version import __version__
+from lightning_obq.core.config import LAYER_TYPES
+from lightning_obq.core.layer import LayerResult
+from lightning_obq.export.modules import (
+    DTYPES,
+    LayerSpec,
+    PackedWeightMixin,
+    dequantize_packed,
+    dtype_name,
+    pack_module,
+)
+from lightning_obq.export.packing import pack_codes
+from lightning_obq.model.quantize import model_size_mb
+from lightning_obq.model.report import QuantReport
+from lightning_obq.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -51,167 +58,9 @@ FORMAT_NAME = "lightning-obq"
 FORMAT_VERSION = 1
 LAYER_PREFIX = "layers/"
 STATE_PREFIX = "state/"
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool,
-)}
-
-
-class PackedWeightMixin:
-    """Makes ``weight`` a read-only property that dequantizes packed codes on every access.
-
-    Mixed in front of ``nn.Linear``/``nn.ConvNd`` (like ``torch.nn.utils.parametrize`` does), so a
-    packed layer still is an instance of its original class and its own ``forward`` runs unchanged;
-    only the buffers ``weight_packed`` (uint8), ``weight_scale`` and ``weight_zero`` are resident.
-    """
-
-    weight_packed: torch.Tensor
-    weight_scale: torch.Tensor
-    weight_zero: torch.Tensor
-
-    @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        spec: LayerSpec = self.weight_spec
-        return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero, spec)
-
-    def extra_repr(self) -> str:
-        spec: LayerSpec = self.weight_spec
-        groups = f", group_size={spec.group_size}" if spec.group_size else ""
-        return f"{super().extra_repr()}, packed W{spec.bits}{groups}"  # type: ignore[misc]
-
-
-class PackedLinear(PackedWeightMixin, nn.Linear):
-    """``nn.Linear`` whose weight is stored packed (see `PackedWeightMixin`)."""
-
-
-class PackedConv1d(PackedWeightMixin, nn.Conv1d):
-    """``nn.Conv1d`` whose weight is stored packed (see `PackedWeightMixin`)."""
-
-
-class PackedConv2d(PackedWeightMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose weight is stored packed (see `PackedWeightMixin`)."""
-
-
-class PackedConv3d(PackedWeightMixin, nn.Conv3d):
-    """``nn.Conv3d`` whose weight is stored packed (see `PackedWeightMixin`)."""
-
-
-_PACKED_CLASSES: dict[type, type] = {
-    nn.Linear: PackedLinear, nn.Conv1d: PackedConv1d, nn.Conv2d: PackedConv2d, nn.Conv3d: PackedConv3d,
-}
-_ORIGINAL_CLASSES: dict[type, type] = {v: k for k, v in _PACKED_CLASSES.items()}
-
-
-def _packed_class(cls: type) -> type:
-    """The packed variant of a layer class (created once for user subclasses of Linear/ConvNd)."""
-    if cls not in _PACKED_CLASSES:
-        packed = type(f"Packed{cls.__name__}", (PackedWeightMixin, cls), {})
-        _PACKED_CLASSES[cls], _ORIGINAL_CLASSES[packed] = packed, cls
-    return _PACKED_CLASSES[cls]
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What the header records about one quantized layer; enough to check and rebuild its weight."""
-
-    name: str
-    kind: str
-    weight_shape: tuple[int, ...]
-    weight_dtype: str
-    groups: int
-    bits: int
-    group_size: int | None
-    n_groups: int
-    zero_dtype: str
-    perm_shape: tuple[int, ...] | None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.weight_shape:
-            n *= d
-        return n
-
-    @property
-    def matrix_shape(self) -> tuple[int, int, int]:
-        """``[G, d_row / G, d_col]``, the `weight_matrix` layout of codes, scales and zero points."""
-        d_row = self.weight_shape[0]
-        return self.groups, d_row // self.groups, self.numel // d_row
-
-    @property
-    def packed_bytes(self) -> int:
-        return packed_size(self.numel, self.bits)
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        g, r, _ = self.matrix_shape
-        return g, r, self.n_groups
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "weight_shape": list(self.weight_shape), "weight_dtype": self.weight_dtype,
-            "groups": self.groups, "bits": self.bits, "group_size": self.group_size,
-            "n_groups": self.n_groups, "zero_dtype": self.zero_dtype, "packed_bytes": self.packed_bytes,
-            "perm_shape": None if self.perm_shape is None else list(self.perm_shape),
-        }
-
-    @classmethod
-    def from_json(cls, name: str, d: Any, source: str) -> LayerSpec:
-        """Parse and sanity-check one header entry; `ValueError` naming the layer on anything odd."""
-        where = f"{source}: layer {name!r}"
-        try:
-            spec = cls(
-                name=name, kind=str(d["kind"]), weight_shape=tuple(int(x) for x in d["weight_shape"]),
-                weight_dtype=str(d["weight_dtype"]), groups=int(d["groups"]), bits=int(d["bits"]),
-                group_size=None if d["group_size"] is None else int(d["group_size"]),
-                n_groups=int(d["n_groups"]), zero_dtype=str(d["zero_dtype"]),
-                perm_shape=None if d["perm_shape"] is None else tuple(int(x) for x in d["perm_shape"]),
-            )
-            packed_bytes = int(d["packed_bytes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: malformed header entry ({exc!r})") from exc
-        if spec.kind not in LAYER_TYPES:
-            raise ValueError(f"{where}: unsupported layer kind {spec.kind!r}")
-        if not 1 <= spec.bits <= 8:
-            raise ValueError(f"{where}: bits={spec.bits} outside [1, 8]")
-        if len(spec.weight_shape) < 2 or min(spec.weight_shape) < 1 or spec.groups < 1 \
-                or spec.weight_shape[0] % spec.groups:
-            raise ValueError(f"{where}: inconsistent weight shape {spec.weight_shape} with groups={spec.groups}")
-        if spec.weight_dtype not in _DTYPES or not _DTYPES[spec.weight_dtype].is_floating_point:
-            raise ValueError(f"{where}: unsupported weight dtype {spec.weight_dtype!r}")
-        if spec.zero_dtype not in ("uint8", "float32"):
-            raise ValueError(f"{where}: unsupported zero point dtype {spec.zero_dtype!r}")
-        d_col = spec.matrix_shape[2]
-        expected_groups = 1 if spec.group_size is None else -(-d_col // max(spec.group_size, 1))
-        if (spec.group_size is not None and spec.group_size < 1) or spec.n_groups != expected_groups:
-            raise ValueError(f"{where}: n_groups={spec.n_groups} does not match group_size={spec.group_size} "
-                             f"for {d_col} columns")
-        if packed_bytes != spec.packed_bytes:
-            raise ValueError(f"{where}: header says {packed_bytes} packed bytes, but {spec.numel} codes of "
-                             f"{spec.bits} bits need {spec.packed_bytes}")
-        return spec
-
-
-def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """The layer weight from its packed codes: the one dequantization path of loading and of packed layers.
-
-    Uses the core `Grid.column_params` and `dequantize_codes`, exactly as `quantize_layer` does, so the
-    result is bitwise equal to the weight `quantize_model` wrote into the model.
-    """
-    codes = unpack_codes(packed, spec.bits, spec.numel).reshape(spec.matrix_shape)
-    grid = Grid(scale, zero.to(scale.dtype), spec.bits, spec.group_size)
-    s, z = grid.column_params(spec.matrix_shape[2])
-    w = dequantize_codes(codes.to(scale.dtype), s, z)
-    return w.reshape(spec.weight_shape).to(_DTYPES[spec.weight_dtype])
-
-
 def _digest(t: torch.Tensor) -> str:
     data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _weight_key(name: str) -> str:
@@ -247,7 +96,7 @@ def _layer_spec(name: str, module: nn.Module, r: LayerResult) -> LayerSpec:
     zero_int = bool(torch.equal(r.zero, r.zero.round())) and bool(((r.zero >= 0) & (r.zero <= 255)).all())
     return LayerSpec(
         name=name, kind=next(k for k, c in LAYER_TYPES.items() if isinstance(module, c)),
-        weight_shape=tuple(w.shape), weight_dtype=_dtype_name(w.dtype), groups=groups, bits=int(r.bits),
+        weight_shape=tuple(w.shape), weight_dtype=dtype_name(w.dtype), groups=groups, bits=int(r.bits),
         group_size=r.group_size, n_groups=n_groups, zero_dtype="uint8" if zero_int else "float32",
         perm_shape=None if r.perm is None else tuple(r.perm.shape),
     )
@@ -317,9 +166,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, report: QuantRepor
             continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"save_quantized: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        if _dtype_name(value.dtype) not in _DTYPES:
+        if dtype_name(value.dtype) not in DTYPES:
             raise TypeError(f"save_quantized: state_dict entry {key!r} has unsupported dtype {value.dtype}")
-        state[key] = {"dtype": _dtype_name(value.dtype), "shape": list(value.shape)}
+        state[key] = {"dtype": dtype_name(value.dtype), "shape": list(value.shape)}
         # clone: safetensors refuses tensors that share memory (tied weights, views)
         tensors[STATE_PREFIX + key] = value.detach().cpu().contiguous().clone()
     header = {
@@ -408,8 +257,8 @@ def read_quantized(path: str | os.PathLike) -> QuantizedArtifact:
         raise ValueError(f"{path}: tensors do not match the header (missing {missing[:5]}, unexpected {extra[:5]})")
     for key, (dtype, shape) in expected.items():
         t = tensors[key]
-        if _dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{path}: tensor {key!r} is {_dtype_name(t.dtype)} {tuple(t.shape)}, header says "
+        if dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{path}: tensor {key!r} is {dtype_name(t.dtype)} {tuple(t.shape)}, header says "
                              f"{dtype} {shape}")
         if digests.get(key) != _digest(t):
             raise ValueError(f"{path}: tensor {key!r} fails its checksum (the file is corrupted)")
@@ -434,7 +283,7 @@ def _check_against_model(art: QuantizedArtifact, model: nn.Module) -> dict[str, 
             raise ValueError(f"{where}: layer {name!r} has weight shape {tuple(w.shape)} (groups "
                              f"{getattr(module, 'groups', 1)}) in the model but {spec.weight_shape} (groups "
                              f"{spec.groups}) in the file {arch}")
-        if _dtype_name(w.dtype) != spec.weight_dtype:
+        if dtype_name(w.dtype) != spec.weight_dtype:
             raise ValueError(f"{where}: layer {name!r} weight is {w.dtype} in the model but {spec.weight_dtype} "
                              "in the file; convert the model's dtype before loading")
         modules[name] = module
@@ -452,36 +301,9 @@ def _check_against_model(art: QuantizedArtifact, model: nn.Module) -> dict[str, 
         if tuple(value.shape) != shape:
             raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)} in the model but {shape} in the file "
                              f"{arch}")
-        if _dtype_name(value.dtype) != dtype:
+        if dtype_name(value.dtype) != dtype:
             raise ValueError(f"{where}: {key!r} is {value.dtype} in the model but {dtype} in the file")
     return modules
-
-
-def pack_module(module: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                spec: LayerSpec) -> nn.Module:
-    """Turn a Linear/ConvNd layer into its packed variant in place: the float weight is dropped."""
-    device = module.weight.device
-    del module.weight
-    module.register_buffer("weight_packed", packed.to(device))
-    module.register_buffer("weight_scale", scale.to(device))
-    module.register_buffer("weight_zero", zero.to(device))
-    module.weight_spec = spec
-    module.__class__ = _packed_class(type(module))
-    return module
-
-
-def unpack_module(module: nn.Module) -> nn.Module:
-    """Inverse of `pack_module`: a plain layer again, holding the dequantized float weight."""
-    if not isinstance(module, PackedWeightMixin):
-        raise TypeError(f"{type(module).__name__} is not a packed layer")
-    weight = module.weight
-    base = _ORIGINAL_CLASSES[type(module)]
-    for buf in ("weight_packed", "weight_scale", "weight_zero"):
-        delattr(module, buf)
-    del module.weight_spec
-    module.__class__ = base
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    return module
 
 
 def load_quantized(path: str | os.PathLike, model: nn.Module, keep_packed: bool = False) -> nn.Module:

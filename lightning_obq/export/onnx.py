@@ -31,9 +31,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .export import LayerSpec, PackedWeightMixin, dequantize_packed, quantized_layers, unpack_module
-from .packing import pack_codes, unpack_codes
-from .report import QuantReport
+from lightning_obq.export.artifact import (
+    LayerSpec,
+    PackedWeightMixin,
+    dequantize_packed,
+    quantized_layers,
+    unpack_module,
+)
+from lightning_obq.export.packing import pack_codes, unpack_codes
+from lightning_obq.extras import require_extra
+from lightning_obq.model.report import QuantReport
+from lightning_obq.model.state import module_mode
+
+require_extra("onnx", "lightning_obq.export.onnx (export_onnx)")
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +206,9 @@ def export_onnx(
                          "or a model loaded with load_quantized(..., keep_packed=True)")
     path = Path(path)
     float_model = _float_copy(model)
-    was_training = model.training
     float_model.eval()
-    model.eval()
     input_names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    try:
+    with module_mode(model):
         with torch.no_grad():
             expected = [t.detach().cpu().numpy() for t in _flatten(model(*inputs))]
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -212,8 +220,6 @@ def export_onnx(
                 dynamic_axes={n: {0: "batch"} for n in input_names} if dynamic_batch else None,
             )
             onnx_model = onnx.load(str(tmp_path))
-    finally:
-        model.train(was_training)
     storage = _rewrite(onnx_model, layers, weight_type, opset)
     onnx_model.ir_version = max(onnx_model.ir_version, 10)  # 4-bit types need IR 10
     onnx.checker.check_model(onnx_model)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calibration import (
+from lightning_obq.model.calibration import (
     ForwardFn,
     batch_size,
     default_forward,
@@ -43,7 +43,8 @@ from .calibration import (
     squared_output_change,
     to_device,
 )
-from .fidelity import OutputFidelity, class_scores
+from lightning_obq.model.fidelity import class_scores, fidelity_from_terms, fidelity_terms
+from lightning_obq.model.state import module_mode
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,15 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], forward_fn: F
     layers = batchnorm_layers(model)
     if not layers:
         return 0
-    saved = [(m, m.training, m.momentum) for m in layers]
+    momenta = [(m, m.momentum) for m in layers]
     try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        run_batches(model, batches, forward_fn)
+        with module_mode(*layers, training=True):
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None
+            run_batches(model, batches, forward_fn)
     finally:
-        for m, training, momentum in saved:
-            m.train(training)
+        for m, momentum in momenta:
             m.momentum = momentum
     return len(layers)
 
@@ -251,11 +251,13 @@ def _score(model: nn.Module, plan: BatchNormPlan, forward_fn: ForwardFn | None) 
     device = model_device(model)
     if plan.metric == "kl_div":
         forward = forward_fn or default_forward
-        fidelity = OutputFidelity()
+        terms = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             for batch, ref in zip(plan.holdout, plan.reference, strict=True):
-                fidelity.update(class_scores(ref), class_scores(forward(model, to_device(batch, device))))
-        return fidelity.compute()  # torchmetrics: synchronised over processes when distributed
+                terms += fidelity_terms(class_scores(ref), class_scores(forward(model, to_device(batch, device))))
+        if plan.sync is not None:
+            terms = plan.sync.sum(terms.to(device)).cpu()
+        return fidelity_from_terms(terms)
     squared, count = squared_output_change(model, plan.holdout, plan.reference, forward_fn)
     if plan.sync is not None:
         total = plan.sync.sum(torch.tensor([squared, float(count)], dtype=torch.float64, device=device))

@@ -1,15 +1,18 @@
 """Label-free output fidelity of a quantized model against its full-precision original.
 
-Two numbers, both computed with torchmetrics on the same (validation) batches and needing no labels:
+Two numbers, both computed on the same (validation) batches and needing no labels:
 
-- ``top1_agreement``: fraction of outputs whose arg-max class is the same for both models
-  (``MulticlassAccuracy`` with the FP prediction as the target);
-- ``kl_div``: mean ``KL(FP || quantized)`` of the softmax distributions (``KLDivergence``), in nats.
+- ``top1_agreement``: fraction of outputs whose arg-max class is the same for both models (what
+  torchmetrics' ``MulticlassAccuracy(average="micro")`` gives with the FP prediction as the target);
+- ``kl_div``: mean ``KL(FP || quantized)`` of the softmax distributions (torchmetrics' ``KLDivergence``
+  with ``log_prob=True``), in nats, over all rows.
 
 Outputs are read as class scores (logits): ``[N, C]``; ``[N, C, *spatial]`` (segmentation-like) is
 flattened to one row per position; ``[N]`` or ``[N, 1]`` is a binary logit. When a model returns a tuple,
-list or dict, its first tensor is used. Under ``torch.distributed`` the torchmetrics states are
-synchronised across processes when computed, so every rank gets the value over all shards.
+list or dict, its first tensor is used. Plain torch: a batch adds its `fidelity_terms` (agreeing rows, rows,
+summed KL), and `fidelity_from_terms` turns the sums into the two numbers, so the sums can be added over
+processes first (`lightning_obq.integrations.lightning.fidelity.OutputFidelity` is the torchmetrics
+``Metric`` over the same terms).
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics import KLDivergence
-from torchmetrics.classification import MulticlassAccuracy
 
-from .calibration import ForwardFn, default_forward, first_tensor, model_device, to_device
+from lightning_obq.model.calibration import ForwardFn, default_forward, first_tensor, model_device, to_device
+from lightning_obq.model.state import module_mode
 
 
 def class_scores(output: Any) -> torch.Tensor:
@@ -42,32 +45,44 @@ def class_scores(output: Any) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class OutputFidelity:
-    """Streaming top-1 agreement and ``KL(reference || candidate)`` over pairs of model outputs."""
+def fidelity_terms(reference_output: Any, candidate_output: Any) -> torch.Tensor:
+    """One batch's ``[agreeing rows, rows, summed KL(reference || candidate)]`` as a float64 CPU tensor.
 
-    def __init__(self) -> None:
-        self.agreement: MulticlassAccuracy | None = None
-        self.kl = KLDivergence(log_prob=True, reduction="mean")
-        self.rows = 0
+    Both outputs of the same inputs; the sums of these over batches (and processes) give
+    `fidelity_from_terms`.
+    """
+    ref = class_scores(reference_output)
+    cand = class_scores(candidate_output).to(ref.device)
+    if ref.shape != cand.shape:
+        raise ValueError(f"FP output shape {tuple(ref.shape)} differs from quantized {tuple(cand.shape)}")
+    agree = (cand.argmax(dim=1) == ref.argmax(dim=1)).sum()
+    p, q = F.log_softmax(ref.double(), dim=1), F.log_softmax(cand.double(), dim=1)
+    kl = torch.sum(p.exp() * (p - q), dim=-1).sum()
+    return torch.stack([agree.double(), torch.tensor(float(ref.shape[0]), dtype=torch.float64, device=ref.device),
+                        kl]).cpu()
 
-    def update(self, reference_output: Any, candidate_output: Any) -> None:
-        """Add one batch: the reference (FP) output and the candidate (quantized) output of the same inputs."""
-        ref = class_scores(reference_output)
-        cand = class_scores(candidate_output).to(ref.device)
-        if ref.shape != cand.shape:
-            raise ValueError(f"FP output shape {tuple(ref.shape)} differs from quantized {tuple(cand.shape)}")
-        if self.agreement is None:
-            self.agreement = MulticlassAccuracy(num_classes=ref.shape[1], average="micro").to(ref.device)
-            self.kl = self.kl.to(ref.device)
-        self.agreement.update(cand.argmax(dim=1), ref.argmax(dim=1))
-        self.kl.update(F.log_softmax(ref.double(), dim=1), F.log_softmax(cand.double(), dim=1))
-        self.rows += ref.shape[0]
 
-    def compute(self) -> dict[str, float]:
-        """``{"top1_agreement", "kl_div"}`` over every batch added (all ranks under torch.distributed)."""
-        if self.agreement is None:
-            raise ValueError("output fidelity has no data: the evaluation batches were empty")
-        return {"top1_agreement": float(self.agreement.compute()), "kl_div": float(self.kl.compute())}
+def fidelity_from_terms(terms: torch.Tensor) -> dict[str, float]:
+    """``{"top1_agreement", "kl_div"}`` from summed `fidelity_terms`.
+
+    The agreement is divided in float32 and the KL in float64, as torchmetrics does, so the numbers equal
+    those of ``MulticlassAccuracy``/``KLDivergence`` on the same batches.
+    """
+    agree, rows, kl = (float(v) for v in terms)
+    if rows == 0:
+        raise ValueError("output fidelity has no data: the evaluation batches were empty")
+    agreement = torch.tensor(agree, dtype=torch.float32) / torch.tensor(rows, dtype=torch.float32)
+    return {"top1_agreement": float(agreement), "kl_div": kl / rows}
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes of the default ``torch.distributed`` group (``t`` itself without one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def output_fidelity(
@@ -82,25 +97,19 @@ def output_fidelity(
     ``batches`` is a DataLoader or any iterable of batches (labels, if present, are ignored);
     ``forward_fn(model, batch)`` runs a batch that is not a plain tensor/tuple/dict (the same contract as
     `quantize_model`). Both models run in eval mode without gradients, each on its own device; their
-    training mode is restored afterwards. ``max_batches`` caps the number of batches.
+    training modes are restored afterwards. ``max_batches`` caps the number of batches. Under
+    ``torch.distributed`` the sums are added over processes, so every rank gets the value over all shards.
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     forward = forward_fn or default_forward
-    modes = [(m, m.training) for m in (reference, candidate)]
-    metric = OutputFidelity()
-    try:
-        reference.eval()
-        candidate.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                ref = forward(reference, to_device(batch, model_device(reference)))
-                cand = forward(candidate, to_device(batch, model_device(candidate)))
-                metric.update(ref, cand)
-    finally:
-        for m, training in modes:
-            m.train(training)
-    return metric.compute()
+    terms = torch.zeros(3, dtype=torch.float64)
+    with module_mode(reference, candidate), torch.no_grad():
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            ref = forward(reference, to_device(batch, model_device(reference)))
+            cand = forward(candidate, to_device(batch, model_device(candidate)))
+            terms += fidelity_terms(ref, cand)
+    return fidelity_from_terms(global_sum(terms))

@@ -20,7 +20,7 @@ the model output with respect to the layer output), and for a Gaussian probe ``r
 gives that product for every layer at once (Hutchinson's estimator). A few probes per batch cost a few
 forward-equivalents whatever the number of layers. It ignores how the layer's error is bent by the
 nonlinearities after it, so it is kept for networks where the exact measurement is too costly. The
-allocation is still checked by measuring it against uniform (see `lightning_obq.quantize`), which does
+allocation is still checked by measuring it against uniform (see `lightning_obq.model.quantize`), which does
 not rely on this approximation.
 
 The allocation itself is a multiple-choice knapsack solved exactly by dynamic programming over the
@@ -32,15 +32,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .batchnorm import batchnorm_layers
-from .calibration import (
+from lightning_obq.model.batchnorm import batchnorm_layers
+from lightning_obq.model.calibration import (
     ForwardFn,
     batch_size,
     default_forward,
@@ -65,16 +64,6 @@ EXACT_GAIN_LAYERS = 32
 
 GAIN_CHUNK = 16
 """Samples per forward/backward pass of the first-order estimate (bounds the autograd graph's memory)."""
-
-
-@dataclass
-class Allocation:
-    """Chosen bits per layer, with the predicted loss and the size they give."""
-
-    bits: dict[str, int]
-    predicted_loss: float
-    size_bits: float
-    average_bits: float
 
 
 def layer_size_bits(numel: int, n_scales: int, bits: int) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -12,7 +11,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .batchnorm import (
+from lightning_obq.core.config import QuantConfig
+from lightning_obq.core.hessian import HessianAccumulator, weight_matrix
+from lightning_obq.core.layer import LayerResult, quantize_layer
+from lightning_obq.core.measure import measure
+from lightning_obq.model.batchnorm import (
     BatchNormPlan,
     BatchNormSync,
     SettledBatchNorm,
@@ -20,13 +23,11 @@ from .batchnorm import (
     settle_and_record,
     settle_batchnorm,
 )
-from .calibration import ForwardFn, batch_size, draw_batches, run_batches
-from .config import QuantConfig
-from .hessian import HessianAccumulator, layer_groups, weight_matrix
-from .layer import LayerResult, quantize_layer
-from .measure import measure
-from .mixed import allocate_bits, layer_size_bits, output_changes, output_gains, pinned_bits
-from .report import LayerStats, QuantReport
+from lightning_obq.model.calibration import ForwardFn, batch_size, draw_batches
+from lightning_obq.model.capture import capture_layers, chunks_by_memory, execution_order, find_layers
+from lightning_obq.model.mixed import allocate_bits, layer_size_bits, output_changes, output_gains, pinned_bits
+from lightning_obq.model.report import LayerStats, QuantReport
+from lightning_obq.model.state import module_mode, restored_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -34,142 +35,6 @@ log = logging.getLogger(__name__)
 # and solve a chunk of layers (names, [G, d_row/G, d_col] weights, Hessians) into one LayerResult each.
 HessianReducer = Callable[[str, HessianAccumulator], None]
 LayerSolver = Callable[[list[str], list[torch.Tensor], list[torch.Tensor], QuantConfig], list[LayerResult]]
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the layers of interest have seen their inputs, to skip the rest."""
-
-
-def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
-    """Conv/Linear layers selected by the config's types and include/exclude name patterns."""
-    layers = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, config.module_types) or getattr(module, "weight", None) is None:
-            continue
-        if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-            continue
-        layers[name] = module
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no layer to quantize (layer_types={list(config.layer_types)}, "
-            f"include={list(config.include)}, exclude={list(config.exclude)})"
-        )
-    for pattern in config.pin:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-            shown = ", ".join(list(layers)[:8]) + (", ..." if len(layers) > 8 else "")
-            raise ValueError(f"QuantConfig.pin pattern {pattern!r} matches no layer to quantize ({shown})")
-    for name, module in layers.items():
-        if not torch.isfinite(module.weight).all():
-            raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
-    return layers
-
-
-def _capture(
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    batches: list[Any],
-    forward_fn: ForwardFn | None,
-    calls: dict[str, int] | None = None,
-    position_fraction: float = 1.0,
-) -> dict[str, HessianAccumulator]:
-    """Hessians of ``layers`` from one pass over ``batches``.
-
-    With ``calls`` (calls per forward of each layer), the forward stops as soon as every layer of
-    interest has seen all its inputs of the batch; the rest of the model is not run.
-    """
-    accs = {name: HessianAccumulator(m, name, position_fraction=position_fraction) for name, m in layers.items()}
-    seen: dict[str, int] = {}
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            accs[name].update(inputs[0])
-            if calls is not None:
-                seen[name] = seen.get(name, 0) + 1
-                if all(seen.get(n, 0) >= calls[n] for n in layers):
-                    raise _StopForward
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
-    try:
-        for batch in batches:
-            seen.clear()
-            run_batches(model, [batch], forward_fn, stop=_StopForward if calls is not None else None)
-    finally:
-        for h in handles:
-            h.remove()
-    return accs
-
-
-def capture_hessians(
-    model: nn.Module,
-    calibration: Iterable[Any],
-    config: QuantConfig | None = None,
-    forward_fn: ForwardFn | None = None,
-) -> dict[str, HessianAccumulator]:
-    """The Hessians `quantize_model` would capture in one-pass mode, to reuse with ``hessians=``.
-
-    A sweep over methods, bit widths or budgets on one model then calibrates once instead of once per
-    run (the Hessians depend only on the FP model, the calibration data and the config's layer
-    selection and ``position_fraction``). All Hessians are held at once, whatever ``hessian_memory_mb``.
-    """
-    config = config or QuantConfig()
-    layers = find_layers(model, config)
-    batches = draw_batches(calibration, config.calib_samples)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        return _capture(model, layers, batches, forward_fn, None, config.position_fraction)
-    finally:
-        _restore_modes(modes)
-
-
-def _execution_order(
-    model: nn.Module, layers: dict[str, nn.Module], batch: Any, forward_fn: ForwardFn | None
-) -> dict[str, int]:
-    """Layers in the order the forward pass first calls them, with calls per forward (0 if never)."""
-    calls: dict[str, int] = {}
-    handles = []
-    for name, module in layers.items():
-        def hook(module: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
-            calls[name] = calls.get(name, 0) + 1
-        handles.append(module.register_forward_hook(hook))
-    try:
-        run_batches(model, [batch], forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
-    ordered = dict(calls)
-    ordered.update({name: 0 for name in layers if name not in calls})
-    return ordered
-
-
-def _chunks_by_memory(layers: dict[str, nn.Module], budget_mb: float) -> list[list[str]]:
-    """Consecutive groups of layers whose float32 Hessians fit in ``budget_mb`` together."""
-    chunks: list[list[str]] = [[]]
-    used = 0.0
-    for name, m in layers.items():
-        w = weight_matrix(m)
-        mb = w.shape[0] * w.shape[2] ** 2 * 4 / 2**20
-        if chunks[-1] and used + mb > budget_mb:
-            chunks.append([])
-            used = 0.0
-        chunks[-1].append(name)
-        used += mb
-    return chunks
-
-
-def _stats(name: str, module: nn.Module, r: LayerResult, config: QuantConfig, samples: int) -> LayerStats:
-    w = weight_matrix(module)
-    return LayerStats(
-        name=name, kind=type(module).__name__, shape=list(module.weight.shape), groups=layer_groups(module),
-        d_row=w.shape[1], d_col=w.shape[2], bits=r.bits, method=config.method, order=config.order,
-        error=r.error, damped_error=r.damped_error, rtn_error=r.rtn_error, damp=r.damp,
-        seconds=r.seconds, peak_rss_mb=r.peak_rss_mb, cuda_peak_mb=r.cuda_peak_mb, samples=samples,
-        solve_error=r.solve_error, refine_sweeps=r.refine_sweeps, refine_seconds=r.refine_seconds,
-    )
 
 
 def model_size_mb(model: nn.Module, results: dict[str, LayerResult] | None = None,
@@ -204,7 +69,7 @@ def quantize_model(
     Up to ``config.calib_samples`` samples are drawn once and reused by every pass. The model runs on
     its own device, in eval mode. BatchNorm statistics are then handled as ``config.bn_mode`` says
     (default ``"auto"``: kept, bias-corrected or re-estimated, whichever measures closest to the FP
-    model on held-back calibration samples; `lightning_obq.batchnorm`); ``report.batchnorm`` says which.
+    model on held-back calibration samples; `lightning_obq.model.batchnorm`); ``report.batchnorm`` says which.
 
     If anything fails, every parameter and buffer is restored and the error propagates: the model is
     never left half-quantized.
@@ -218,7 +83,7 @@ def quantize_model(
     - ``layer_solver(names, weights, hessians, config)`` replaces the per-layer `quantize_layer` calls
       for a chunk of layers (all layers at once in one-pass mode, one in sequential mode) and returns one
       `LayerResult` per name, in order (for example solving each layer on one process and broadcasting).
-    - ``batchnorm_sync`` (`lightning_obq.batchnorm.BatchNormSync`) makes BatchNorm statistics and the
+    - ``batchnorm_sync`` (`lightning_obq.model.batchnorm.BatchNormSync`) makes BatchNorm statistics and the
       ``auto`` decision global over processes.
 
     ``hessians`` (from `capture_hessians` on the same FP model and data) skips the Hessian capture; the
@@ -240,37 +105,23 @@ def quantize_model(
     batches = draw_batches(calibration, config.calib_samples)
     report = QuantReport(config=config.to_dict(), samples=sum(batch_size(b) for b in batches))
     report.fp_size_mb = model_size_mb(model)
-    backup = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    modes = [(m, m.training) for m in model.modules()]  # submodules may differ from the root
     device = next(iter(layers.values())).weight.device
-    try:
-        model.eval()
-        with measure(device, reset_peak=True) as total:
-            with measure(device, reset_peak=False) as bn_plan:
-                plan = plan_batchnorm(model, batches, config.bn_mode, forward_fn, config.bn_holdout,
-                                      config.bn_holdout_samples, batchnorm_sync)
-            settled = _calibrate_and_solve(model, layers, batches, config, forward_fn, report, plan,
-                                           hessian_reducer, layer_solver, hessians)
-            with measure(device, reset_peak=False) as bn:
-                report.batchnorm = settled.restore(model) if settled else settle_batchnorm(model, plan, forward_fn)
-            report.bn_seconds = bn_plan.seconds + bn.seconds
-    except BaseException:
-        model.load_state_dict(backup)
-        _restore_modes(modes)
-        log.error("quantization failed; the model's original weights and buffers were restored")
-        raise
-    _restore_modes(modes)
+    with restored_on_failure(model, "quantization failed; the model's original weights and buffers were restored"), \
+            module_mode(model), measure(device, reset_peak=True) as total:
+        with measure(device, reset_peak=False) as bn_plan:
+            plan = plan_batchnorm(model, batches, config.bn_mode, forward_fn, config.bn_holdout,
+                                  config.bn_holdout_samples, batchnorm_sync)
+        settled = _calibrate_and_solve(model, layers, batches, config, forward_fn, report, plan, hessian_reducer,
+                                       layer_solver, hessians)
+        with measure(device, reset_peak=False) as bn:
+            report.batchnorm = settled.restore(model) if settled else settle_batchnorm(model, plan, forward_fn)
+        report.bn_seconds = bn_plan.seconds + bn.seconds
     report.total_seconds = total.seconds
     report.peak_rss_mb = max([total.peak_rss_mb] + [s.peak_rss_mb for s in report.layers])
     report.cuda_peak_mb = max([total.cuda_peak_mb] + [s.cuda_peak_mb for s in report.layers])
     report.quant_size_mb = model_size_mb(model, report.results, layers)
     log.info("quantized %d layers in %.2fs", len(report.layers), report.total_seconds)
     return report
-
-
-def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
 
 
 def _calibrate_and_solve(
@@ -289,7 +140,7 @@ def _calibrate_and_solve(
     for the final weights."""
     device = next(iter(layers.values())).weight.device
     with measure(device, reset_peak=False) as m:
-        calls = _execution_order(model, layers, batches[0], forward_fn)
+        calls = execution_order(model, layers, batches[0], forward_fn)
     report.calib_seconds += m.seconds
     report.skipped = [n for n, c in calls.items() if c == 0]
     for name in report.skipped:
@@ -315,7 +166,7 @@ def _calibrate_and_solve(
     if config.calibration == "sequential":
         chunks = [[n] for n in ordered]
     else:
-        chunks = _chunks_by_memory(ordered, config.hessian_memory_mb)
+        chunks = chunks_by_memory(ordered, config.hessian_memory_mb)
     candidates: dict[str, dict[int, LayerResult]] = {n: {} for n in ordered}
     samples: dict[str, int] = {}
     try:
@@ -326,7 +177,7 @@ def _calibrate_and_solve(
                 if hessians is not None:
                     accs = {n: hessians[n] for n in chunk}
                 else:
-                    accs = _capture(model, subset, batches, forward_fn, stop_early, config.position_fraction)
+                    accs = capture_layers(model, subset, batches, forward_fn, stop_early, config.position_fraction)
                 if hessian_reducer is not None:
                     for name in chunk:
                         hessian_reducer(name, accs[name])
@@ -353,7 +204,7 @@ def _calibrate_and_solve(
     for name, module in ordered.items():
         result = candidates[name][chosen[name]]
         report.results[name] = result
-        report.layers.append(_stats(name, module, result, config, samples[name]))
+        report.layers.append(LayerStats.from_result(name, module, result, config, samples[name]))
         # One-pass mode: every Hessian came from the FP model, so weights are written only at the end.
         _write_weight(module, result)
     return settled

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .batchnorm import describe_batchnorm
-from .layer import LayerResult
+import torch.nn as nn
+
+from lightning_obq.core.config import QuantConfig
+from lightning_obq.core.hessian import layer_groups, weight_matrix
+from lightning_obq.core.layer import LayerOutcome, LayerResult
+from lightning_obq.model.batchnorm import describe_batchnorm
 
 
 @dataclass
-class LayerStats:
-    """Per-layer outcome: the layer objective (undamped and damped), RTN error on the same grid, cost.
-
-    ``solve_error`` is the objective of the column-parallel solve before the refinement stage (equal to
-    ``error`` when it did not run), ``refine_sweeps``/``refine_seconds`` what the stage did and cost.
-    """
+class LayerStats(LayerOutcome):
+    """Per-layer line of the report: which layer (name, kind, shapes), how it was quantized (method, order,
+    calibration samples) and the `LayerOutcome` figures (errors, damping, cost, refinement)."""
 
     name: str
     kind: str
@@ -24,24 +25,22 @@ class LayerStats:
     groups: int
     d_row: int
     d_col: int
-    bits: int
     method: str
     order: str | None
-    error: float
-    damped_error: float
-    rtn_error: float
-    damp: float
-    seconds: float
-    peak_rss_mb: float
-    cuda_peak_mb: float
     samples: int
-    solve_error: float = math.nan
-    refine_sweeps: int = 0
-    refine_seconds: float = 0.0
 
-    def __post_init__(self) -> None:
-        if math.isnan(self.solve_error):
-            self.solve_error = self.error
+    @classmethod
+    def from_result(cls, name: str, module: nn.Module, result: LayerResult, config: QuantConfig,
+                    samples: int) -> LayerStats:
+        """The stats of ``module`` (named ``name``) quantized to ``result`` under ``config`` from ``samples``.
+
+        The `LayerOutcome` fields are copied from ``result``.
+        """
+        w = weight_matrix(module)
+        shared = {f.name: getattr(result, f.name) for f in fields(LayerOutcome)}
+        return cls(name=name, kind=type(module).__name__, shape=list(module.weight.shape),
+                   groups=layer_groups(module), d_row=w.shape[1], d_col=w.shape[2], method=config.method,
+                   order=config.order, samples=samples, **shared)
 
     @property
     def error_ratio_to_rtn(self) -> float:
@@ -59,7 +58,7 @@ class QuantReport:
     at their pin), and, when that uniform model fits the budget, the measured output change of both, with
     ``kept_uniform`` set when uniform measured better and was kept. ``batchnorm`` says what the BatchNorm
     step did: the mode asked, the one chosen and, under ``auto``, every candidate's held-back fidelity
-    (`lightning_obq.batchnorm.settle_batchnorm`).
+    (`lightning_obq.model.batchnorm.settle_batchnorm`).
     """
 
     config: dict[str, Any]
@@ -95,6 +94,14 @@ class QuantReport:
     @property
     def total_refine_seconds(self) -> float:
         return sum(s.refine_seconds for s in self.layers)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantReport:
+        """Rebuild a report (without the tensors of ``results``) from its `to_dict`, e.g. from a checkpoint."""
+        names = {f.name for f in fields(cls)} - {"results", "layers"}
+        report = cls(**{k: v for k, v in data.items() if k in names})
+        report.layers = [LayerStats(**s) for s in data.get("layers", [])]
+        return report
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of everything but the tensors."""

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .batchnorm import BatchNormSync, batchnorm_layers
-from .config import QuantConfig
-from .hessian import HessianAccumulator, weight_matrix
-from .layer import LayerResult, quantize_layer
+from lightning_obq.core.config import QuantConfig
+from lightning_obq.core.hessian import HessianAccumulator, weight_matrix
+from lightning_obq.core.layer import LayerResult, quantize_layer
+from lightning_obq.model.batchnorm import BatchNormSync, batchnorm_layers
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,14 @@ Metric names (all floats, logged at the trainer's ``global_step``):
 - task metrics: the module's own validation metrics before quantizing under their own names
   (``val_acc``; `OBQCallback` logs them as ``obq/fp/val_acc``), after quantizing as ``obq/<name>`` and
   the difference as ``obq/<name>_delta``;
-- output fidelity: ``obq/top1_agreement``, ``obq/kl_div`` (see `lightning_obq.fidelity`);
+- output fidelity: ``obq/top1_agreement``, ``obq/kl_div`` (see `lightning_obq.model.fidelity`);
 - cost: ``obq/seconds_total``, ``obq/seconds_calibration``, ``obq/seconds_solve``, ``obq/seconds_bn``,
   ``obq/peak_rss_mb``, ``obq/cuda_peak_mb``;
 - size and error: ``obq/size_fp_mb``, ``obq/size_quant_mb``, ``obq/error``, ``obq/rtn_error``,
   ``obq/solve_error`` (before the refinement stage) with ``obq/seconds_refine``,
   ``obq/bits``, ``obq/layers``, ``obq/samples``;
 - per layer (optional): ``obq/layer/<name>/{error,rtn_error,seconds,bits}``;
-- BatchNorm step (`lightning_obq.batchnorm`): ``obq/bn/chosen`` as a numeric code (`BN_CODES`: 0 none in
+- BatchNorm step (`lightning_obq.model.batchnorm`): ``obq/bn/chosen`` as a numeric code (`BN_CODES`: 0 none in
   the model, 1 keep, 2 correct, 3 reestimate), ``obq/bn/layers``, and under ``bn_mode="auto"`` every
   candidate's held-back figures ``obq/bn/<candidate>/<metric>`` (``kl_div`` and ``top1_agreement``, or
   ``output_mse``) with ``obq/bn/holdout_samples`` and ``obq/bn/fit_samples``. The mode asked and the
@@ -29,11 +29,12 @@ A `WandbLogger` also gets the ``obq/layers_table`` `wandb.Table` (one row per la
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .report import QuantReport
+import torch
+
+from lightning_obq.model.report import QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +137,6 @@ def _is_wandb(logger: Any) -> bool:
     return isinstance(logger, WandbLogger)
 
 
-def default_wandb_offline() -> bool:
-    """Make W&B runs created from now on offline unless the user chose a mode; True if it did so.
-
-    Sets ``WANDB_MODE=offline`` when the variable is unset. It must happen before a `WandbLogger` creates
-    its run, which Lightning does before any callback hook, so `OBQCallback` calls this in its constructor.
-    ``WANDB_MODE=online`` (or ``WandbLogger(mode="online")``, which wandb ranks above the variable) keeps
-    runs online.
-    """
-    if "WANDB_MODE" in os.environ:
-        return False
-    os.environ["WANDB_MODE"] = "offline"
-    log.info("W&B runs are offline (set WANDB_MODE=online or pass OBQCallback(wandb_offline=False) to change it)")
-    return True
-
-
 def log_wandb_extras(logger: Any, report: QuantReport, step: int) -> None:
     """Per-layer `wandb.Table` and a bar chart of the layer errors on a `WandbLogger` (rank zero only)."""
     import wandb
@@ -183,3 +169,43 @@ def log_report(loggers: Sequence[Any], report: QuantReport, step: int, per_layer
             log_wandb_extras(logger, report, step)
         logger.save()
     return metrics
+
+
+def unique_step_names(taken: set[str], scalars: Mapping[str, float]) -> dict[str, float]:
+    """The names `OBQCallback` logs ``scalars`` under at one step, ``taken`` holding those already used there.
+
+    FP task metrics go under ``obq/fp/``, the callback's own under ``obq/``; a name already logged at the step
+    goes under ``obq/ckpt/`` (``obq/ckpt<n>/`` for the n-th), so no name gets two values at one step. Adds
+    the new names to ``taken``.
+    """
+    out: dict[str, float] = {}
+    for key, value in scalars.items():
+        base = key.removeprefix("obq/") if key.startswith("obq/") else f"fp/{key}"
+        name, n = f"obq/{base}", 1
+        while name in taken:
+            n += 1
+            name = f"obq/ckpt{'' if n == 2 else n}/{base}"
+        out[name] = float(value)
+    taken.update(out)
+    return out
+
+
+def log_to_trainer(trainer: Any, report: QuantReport, metrics: Mapping[str, float] | None, per_layer: bool,
+                   logged: dict[int, set[str]]) -> None:
+    """Log the whole ``report`` (``metrics=None``: its `report_metrics`, tables, table print-out) or just
+    ``metrics`` to every logger of ``trainer`` and to its ``callback_metrics`` / ``logged_metrics``.
+
+    ``logged`` maps a step to the names already logged at it (`unique_step_names`), and is updated.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    scalars = report_metrics(report, per_layer) if metrics is None else metrics
+    step = trainer.global_step
+    named = unique_step_names(logged.setdefault(step, set()), scalars)
+    log_report(trainer.loggers, report, step=step, per_layer=per_layer, is_global_zero=trainer.is_global_zero,
+               metrics=named, extras=metrics is None)
+    values = {k: torch.tensor(v) for k, v in named.items()}
+    trainer.callback_metrics.update(values)  # monitors and `optimized_metric` read these
+    trainer.logged_metrics.update(values)
+    if metrics is None:
+        rank_zero_info(f"OBQCallback report\n{report.table()}")

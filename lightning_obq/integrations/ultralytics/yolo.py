@@ -2,7 +2,7 @@
 
 One call and one callback::
 
-    from lightning_obq.ultralytics import quantize_yolo, obq_callback, save_quantized_yolo
+    from lightning_obq.integrations.ultralytics import quantize_yolo, obq_callback, save_quantized_yolo
 
     yolo, report = quantize_yolo("best.pt", data="data.yaml", bits=6, imgsz=640)
     save_quantized_yolo(yolo, "best-w6.pt", report)   # YOLO("best-w6.pt").predict(...) works
@@ -24,37 +24,33 @@ How it works with Ultralytics:
   come from its mosaic-augmented training distribution, and re-estimating them on a few hundred
   letterboxed calibration images can cost more mAP than quantization itself, so the candidates (keep,
   bias-correct, re-estimate) are measured on held-back calibration images by the mean squared change of
-  the detection head's outputs against the FP model, and the closest wins (`lightning_obq.batchnorm`).
+  the detection head's outputs against the FP model, and the closest wins (`lightning_obq.model.batchnorm`).
   ``bn_mode="keep"`` or ``"reestimate"`` force one.
 - ``YOLO.val`` and ``YOLO.predict`` fuse the model they run (Ultralytics releases before 8.4 did so in
   place), so every evaluation here runs on a deep copy: the FP model is measured before quantization
   and the quantized one after, and the returned model is still unfused.
 
-Everything Ultralytics is imported inside the functions, so ``import lightning_obq.ultralytics``
-works (and fails only when called) without Ultralytics installed.
+Needs the ``[ultralytics]`` extra: importing `lightning_obq.integrations.ultralytics` without it raises an
+`ImportError` naming the extra. `checkpoint` saves and loads quantized detectors, `callback` quantizes after
+``model.train()``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import random
-import shutil
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from .config import QuantConfig
-from .quantize import quantize_model
-from .report import QuantReport
-from .version import __version__
+from lightning_obq.core.config import QuantConfig
+from lightning_obq.model.quantize import quantize_model
+from lightning_obq.model.report import QuantReport
 
 if TYPE_CHECKING:
     from ultralytics import YOLO
@@ -71,16 +67,6 @@ METRIC_KEYS = {"mAP50-95": "map", "mAP50": "map50"}
 """Report metric name -> attribute of Ultralytics' ``DetMetrics.box``."""
 
 
-def _require_ultralytics() -> Any:
-    try:
-        import ultralytics
-    except ImportError as exc:
-        raise ImportError(
-            "lightning_obq.ultralytics needs the 'ultralytics' package: pip install ultralytics"
-        ) from exc
-    return ultralytics
-
-
 def load_yolo(model_or_path: Any) -> YOLO:
     """A detection ``YOLO`` from a ``YOLO`` object, a ``.pt`` checkpoint or a model ``.yaml``.
 
@@ -90,7 +76,6 @@ def load_yolo(model_or_path: Any) -> YOLO:
         TypeError: anything else (e.g. a torchvision classifier, a bare ``nn.Module``).
         ValueError: a YOLO model whose task is not ``detect`` (classify, segment-only, ...).
     """
-    _require_ultralytics()
     from ultralytics import YOLO
     from ultralytics.engine.model import Model
 
@@ -131,7 +116,6 @@ def resolve_dataset(data: str | os.PathLike, splits: Sequence[str] = ("train", "
         FileNotFoundError: the data.yaml (a local path) or a split's folder does not exist.
         ValueError: a split's folder holds no image.
     """
-    _require_ultralytics()
     from ultralytics.data.utils import check_det_dataset
 
     if not isinstance(data, str | os.PathLike):
@@ -179,7 +163,6 @@ def calibration_images(
     evaluation mode (letterboxed to ``imgsz`` with the model's stride, no augmentation). They stay uint8
     (4x smaller than float); `yolo_forward` scales them to [0, 1].
     """
-    _require_ultralytics()
     from ultralytics.cfg import get_cfg
     from ultralytics.data.build import build_yolo_dataset
     from ultralytics.utils import DEFAULT_CFG
@@ -313,22 +296,20 @@ def quantize_yolo(
 
 def log_to_wandb(report: QuantReport, project: str = "lightning-obq", directory: str | os.PathLike | None = None,
                  extra: dict[str, Any] | None = None, name: str | None = None) -> str:
-    """Log a report to W&B the way `OBQCallback` does (`lightning_obq.loggers.log_report`); returns the run folder.
+    """Log a report to W&B the way `OBQCallback` does (`lightning_obq.integrations.lightning.loggers.log_report`);
+    returns the run folder.
 
     The ``obq/...`` scalars, the per-layer table and error plot, plus the mAPs (``fp/mAP50``,
     ``quant/mAP50``, ...) and the config. Runs are offline unless ``WANDB_MODE`` is set, so nothing
-    needs an account or network.
+    needs an account or network (`lightning_obq.integrations.wandb.start_run`).
     """
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from .loggers import default_wandb_offline, log_report
+    from lightning_obq.integrations.lightning.loggers import log_report
+    from lightning_obq.integrations.wandb import start_run
 
-    default_wandb_offline()
     config = report.config
-    # A run of its own even when another is active in this process (a WandbLogger, an earlier call).
-    run = wandb.init(project=project, dir=str(directory) if directory else ".", reinit="create_new",
-                     name=name or f"yolo-{config.get('method')}-w{config.get('bits')}")
+    run = start_run(project, name or f"yolo-{config.get('method')}-w{config.get('bits')}", directory or ".")
     logger = WandbLogger(experiment=run)
     try:
         logger.log_hyperparams({**config, **(extra or {})})
@@ -339,180 +320,3 @@ def log_to_wandb(report: QuantReport, project: str = "lightning-obq", directory:
     finally:
         logger.experiment.finish()
     return folder
-
-
-def recipe(report: QuantReport | None) -> dict[str, Any]:
-    """The JSON-safe description stored with a quantized checkpoint: library version, config, metrics, layers."""
-    out: dict[str, Any] = {"library": "lightning-obq", "version": __version__}
-    if report is not None:
-        out.update(config=report.config, metrics=dict(report.metrics),
-                   layers={s.name: {"bits": s.bits, "shape": s.shape, "error": s.error} for s in report.layers},
-                   skipped=list(report.skipped), samples=report.samples)
-    return json.loads(json.dumps(out))
-
-
-def save_quantized_yolo(yolo: YOLO, path: str | os.PathLike, report: QuantReport | None = None) -> Path:
-    """Write an Ultralytics checkpoint of the quantized model that ``YOLO(path)`` loads and predicts with.
-
-    The file is what Ultralytics writes (a torch pickle of a dict whose ``"model"`` is the module, plus
-    ``train_args``, date and version), with the weights kept in float32 (Ultralytics stores half precision,
-    which would move the weights off the quantization grid) and no EMA, plus the recipe under
-    ``"lightning_obq"`` (see `recipe`; read it back with `read_recipe`). Loading it needs no lightning-obq.
-    """
-    _require_ultralytics()
-    from ultralytics import __version__ as ultralytics_version
-
-    yolo = load_yolo(yolo)
-    path = Path(path).expanduser()
-    if path.suffix != ".pt":
-        raise ValueError(f"path: {path} must end in .pt (Ultralytics picks the loader by suffix)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(yolo.model).float().to("cpu", memory_format=torch.contiguous_format)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ckpt = {k: v for k, v in (yolo.ckpt or {}).items() if k not in ("optimizer", "ema", "model", "updates")}
-    if "train_args" not in ckpt and isinstance(getattr(yolo.model, "args", None), dict):
-        ckpt["train_args"] = dict(yolo.model.args)
-    ckpt.update(
-        model=model, ema=None, optimizer=None, epoch=-1,
-        date=datetime.now(timezone.utc).isoformat(), version=ultralytics_version,
-        **{RECIPE_KEY: recipe(report)},
-    )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    log.info("saved the quantized YOLO checkpoint to %s", path)
-    return path
-
-
-def save_packed_yolo(yolo: YOLO, path: str | os.PathLike, report: QuantReport) -> Path:
-    """Write the packed low-bit artifact (`lightning_obq.export.save_quantized`: safetensors, no pickle).
-
-    It holds the integer codes, scales and every other tensor, not the architecture: load it with
-    `load_packed_yolo` into the same architecture (the FP checkpoint or one with the same layers).
-    Save before ``yolo.fuse()``: the artifact holds the unfused layers the codes were computed for.
-    """
-    from .export import save_quantized
-
-    yolo = load_yolo(yolo)
-    return save_quantized(yolo.model, path, report)
-
-
-def load_packed_yolo(path: str | os.PathLike, architecture: Any, keep_packed: bool = False) -> YOLO:
-    """A ``YOLO`` built from ``architecture`` (a YOLO, ``.pt`` or ``.yaml``) with the weights of a packed artifact.
-
-    Everything is checked before any weight is written (`lightning_obq.export.load_quantized`);
-    ``keep_packed=True`` keeps the codes packed in the layers and dequantizes at each forward.
-    """
-    from .export import load_quantized
-
-    yolo = load_yolo(architecture)
-    load_quantized(path, yolo.model, keep_packed=keep_packed)
-    yolo.predictor = None
-    return yolo
-
-
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """The recipe stored by `save_quantized_yolo` (empty dict for a plain Ultralytics checkpoint).
-
-    The checkpoint is a pickle (Ultralytics' format): only read files you trust.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"path: {path} does not exist")
-    _require_ultralytics()
-    from ultralytics.nn.tasks import torch_safe_load
-
-    ckpt, _ = torch_safe_load(str(path))
-    return dict(ckpt.get(RECIPE_KEY) or {})
-
-
-class YOLOQuantCallback:
-    """Ultralytics ``on_train_end`` callback: quantize the trained model, validate it, save it.
-
-    ``model.train()`` ends by reloading ``best.pt`` into the ``YOLO`` object, so quantizing
-    ``trainer.model`` (or its EMA) in place would be lost. This callback instead loads the final
-    weights (``trainer.best``, else ``trainer.last``: the EMA weights Ultralytics keeps), quantizes them
-    with the trainer's dataset (``trainer.args.data``) and image size, runs ``val`` on FP and quantized
-    models, and writes ``<weights dir>/best-w<bits>-<method>.pt``. The results are on the callback:
-    ``.yolo`` (quantized YOLO), ``.report`` (with the mAPs) and ``.path``.
-
-    Example::
-
-        cb = obq_callback(bits=6)
-        model.add_callback("on_train_end", cb)
-        model.train(data="data.yaml", epochs=50)
-        YOLO(cb.path).predict("image.png")
-    """
-
-    def __init__(self, bits: int = 6, method: str = "fastobq", calib_images: int = 128, save: bool = True,
-                 evaluate: bool = True, wandb: bool = False, **quantize_kwargs: Any) -> None:
-        QuantConfig(bits=bits, method=method, calib_samples=calib_images)  # fail now, not after training
-        self.bits, self.method, self.calib_images = bits, method, calib_images
-        self.save, self.evaluate, self.wandb = save, evaluate, wandb
-        self.quantize_kwargs = quantize_kwargs
-        self.yolo: YOLO | None = None
-        self.report: QuantReport | None = None
-        self.path: Path | None = None
-
-    def __call__(self, trainer: Any) -> None:
-        weights = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
-        if not weights.exists():
-            raise FileNotFoundError(f"no trained weights to quantize: neither {trainer.best} nor {trainer.last} exists")
-        imgsz = trainer.args.imgsz
-        imgsz = max(imgsz) if isinstance(imgsz, list | tuple) else int(imgsz)
-        kwargs = {"imgsz": imgsz, "batch": int(trainer.args.batch) if int(trainer.args.batch) > 0 else 16,
-                  "device": trainer.device, **self.quantize_kwargs}
-        log.info("quantizing %s to W%d with %s", weights, self.bits, self.method)
-        self.yolo, self.report = quantize_yolo(
-            str(weights), data=trainer.args.data, bits=self.bits, method=self.method,
-            calib_images=self.calib_images, evaluate=self.evaluate, wandb=self.wandb, **kwargs,
-        )
-        if self.save:
-            self.path = save_quantized_yolo(
-                self.yolo, weights.with_name(f"{weights.stem}-w{self.bits}-{self.method}.pt"), self.report
-            )
-
-
-def obq_callback(bits: int = 6, method: str = "fastobq", calib_images: int = 128, **kwargs: Any) -> YOLOQuantCallback:
-    """A `YOLOQuantCallback` for ``model.add_callback("on_train_end", ...)``; kwargs go to `quantize_yolo`."""
-    return YOLOQuantCallback(bits=bits, method=method, calib_images=calib_images, **kwargs)
-
-
-def train_detector(
-    model_yaml: str | os.PathLike,
-    data: str | os.PathLike,
-    cache: str | os.PathLike,
-    epochs: int = 30,
-    imgsz: int = 160,
-    batch: int = 16,
-    seed: int = 0,
-    **train_args: Any,
-) -> Path:
-    """Train a YOLO detector from a model yaml (no pretrained weights) once and return its ``best.pt``.
-
-    The run goes to ``<cache>/<yaml stem>-<hash of the arguments and yaml text>``; a finished run (its
-    ``best.pt``) is reused, so tests, benchmarks and examples train each model only once. CPU, no AMP
-    and no plots by default, which keeps Ultralytics from fetching fonts or AMP-check weights.
-    """
-    ultralytics = _require_ultralytics()
-    from ultralytics import YOLO
-
-    model_yaml = str(model_yaml)
-    yaml_path = Path(model_yaml).expanduser()
-    source = yaml_path.read_text() if yaml_path.is_file() else model_yaml
-    args = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "seed": seed, "device": "cpu", "amp": False,
-            "plots": False, "workers": 0, "deterministic": True, "verbose": False, **train_args}
-    key_src = json.dumps({"yaml": source, "data": str(Path(data).resolve()), "args": args,
-                          "ultralytics": ultralytics.__version__}, sort_keys=True, default=str)
-    name = f"{yaml_path.stem}-{hashlib.sha1(key_src.encode()).hexdigest()[:10]}"
-    cache = Path(cache).expanduser()
-    best = cache / name / "weights" / "best.pt"
-    if best.is_file():
-        return best
-    shutil.rmtree(cache / name, ignore_errors=True)
-    yolo = YOLO(str(yaml_path) if yaml_path.is_file() else model_yaml)
-    yolo.train(data=str(data), project=str(cache), name=name, exist_ok=True, **args)
-    if not best.is_file():
-        raise RuntimeError(f"training {model_yaml} finished without writing {best}")
-    return best

@@ -1,0 +1,140 @@
+"""Calibration: which layers are quantized, the order the forward pass reaches them, and their Hessians.
+
+`capture_layers` hooks the selected layers and accumulates each one's Hessian from its inputs; `quantize_model`
+calls it per memory chunk (`chunks_by_memory`), `capture_hessians` once for reuse across runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_obq.core.config import QuantConfig
+from lightning_obq.core.hessian import HessianAccumulator, weight_matrix
+from lightning_obq.model.calibration import ForwardFn, draw_batches, run_batches
+from lightning_obq.model.state import module_mode
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the layers of interest have seen their inputs, to skip the rest."""
+
+
+def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """Conv/Linear layers selected by the config's types and include/exclude name patterns."""
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, config.module_types) or getattr(module, "weight", None) is None:
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            continue
+        layers[name] = module
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no layer to quantize (layer_types={list(config.layer_types)}, "
+            f"include={list(config.include)}, exclude={list(config.exclude)})"
+        )
+    for pattern in config.pin:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            shown = ", ".join(list(layers)[:8]) + (", ..." if len(layers) > 8 else "")
+            raise ValueError(f"QuantConfig.pin pattern {pattern!r} matches no layer to quantize ({shown})")
+    for name, module in layers.items():
+        if not torch.isfinite(module.weight).all():
+            raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
+    return layers
+
+
+def capture_layers(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list[Any],
+    forward_fn: ForwardFn | None,
+    calls: dict[str, int] | None = None,
+    position_fraction: float = 1.0,
+) -> dict[str, HessianAccumulator]:
+    """Hessians of ``layers`` from one pass over ``batches``.
+
+    With ``calls`` (calls per forward of each layer), the forward stops as soon as every layer of
+    interest has seen all its inputs of the batch; the rest of the model is not run.
+    """
+    accs = {name: HessianAccumulator(m, name, position_fraction=position_fraction) for name, m in layers.items()}
+    seen: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            accs[name].update(inputs[0])
+            if calls is not None:
+                seen[name] = seen.get(name, 0) + 1
+                if all(seen.get(n, 0) >= calls[n] for n in layers):
+                    raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        for batch in batches:
+            seen.clear()
+            run_batches(model, [batch], forward_fn, stop=_StopForward if calls is not None else None)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def capture_hessians(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    config: QuantConfig | None = None,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, HessianAccumulator]:
+    """The Hessians `quantize_model` would capture in one-pass mode, to reuse with ``hessians=``.
+
+    A sweep over methods, bit widths or budgets on one model then calibrates once instead of once per
+    run (the Hessians depend only on the FP model, the calibration data and the config's layer
+    selection and ``position_fraction``). All Hessians are held at once, whatever ``hessian_memory_mb``.
+    """
+    config = config or QuantConfig()
+    layers = find_layers(model, config)
+    batches = draw_batches(calibration, config.calib_samples)
+    with module_mode(model):
+        return capture_layers(model, layers, batches, forward_fn, None, config.position_fraction)
+
+
+def execution_order(
+    model: nn.Module, layers: dict[str, nn.Module], batch: Any, forward_fn: ForwardFn | None
+) -> dict[str, int]:
+    """Layers in the order the forward pass first calls them, with calls per forward (0 if never)."""
+    calls: dict[str, int] = {}
+    handles = []
+    for name, module in layers.items():
+        def hook(module: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
+            calls[name] = calls.get(name, 0) + 1
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run_batches(model, [batch], forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    ordered = dict(calls)
+    ordered.update({name: 0 for name in layers if name not in calls})
+    return ordered
+
+
+def chunks_by_memory(layers: dict[str, nn.Module], budget_mb: float) -> list[list[str]]:
+    """Consecutive groups of layers whose float32 Hessians fit in ``budget_mb`` together."""
+    chunks: list[list[str]] = [[]]
+    used = 0.0
+    for name, m in layers.items():
+        w = weight_matrix(m)
+        mb = w.shape[0] * w.shape[2] ** 2 * 4 / 2**20
+        if chunks[-1] and used + mb > budget_mb:
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(name)
+        used += mb
+    return chunks

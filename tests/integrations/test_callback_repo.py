@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_callback import assert_each_name_once_per_step, assert_on_grid, read_csv_metrics
+from support import assert_each_name_once_per_step, assert_on_grid, read_csv_metrics
 
 from lightning_obq import OBQCallback
 

@@ -9,15 +9,15 @@ import torch
 import torch.nn as nn
 
 from lightning_obq import QuantConfig, quantize_model
-from lightning_obq.batchnorm import (
+from lightning_obq.model.batchnorm import (
     CANDIDATES,
     batch_input_means,
     batchnorm_layers,
     correct_batchnorm,
     reestimate_batchnorm,
 )
-from lightning_obq.calibration import split_batches
-from lightning_obq.fidelity import output_fidelity
+from lightning_obq.model.calibration import split_batches
+from lightning_obq.model.fidelity import output_fidelity
 
 
 def _cnn(seed: int = 0) -> nn.Sequential:

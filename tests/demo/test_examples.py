@@ -11,9 +11,9 @@ import torch
 from torchvision import models
 
 from lightning_obq import OBQCallback
-from lightning_obq.export import load_quantized
+from lightning_obq.export.artifact import load_quantized
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str) -> ModuleType:
@@ -21,12 +21,6 @@ def _load(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIGHTNING_OBQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
 
 
 @pytest.mark.slow

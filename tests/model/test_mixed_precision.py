@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from lightning_obq import QuantConfig, quantize_model
-from lightning_obq.mixed import allocate_bits
+from lightning_obq.model.mixed import allocate_bits
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -177,8 +177,8 @@ def test_uniform_is_kept_when_it_measures_better_than_the_allocation() -> None:
 
 def test_depthwise_convs_keep_more_bits_under_a_budget() -> None:
     """MobileNetV2-style: the tiny depthwise convs (9x9 Hessians) are where mixed precision spends bits."""
-    from lightning_obq.batchnorm import reestimate_batchnorm
-    from lightning_obq.models import MobileNetV2Small
+    from lightning_obq.demo.models import MobileNetV2Small
+    from lightning_obq.model.batchnorm import reestimate_batchnorm
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -195,8 +195,8 @@ def test_depthwise_convs_keep_more_bits_under_a_budget() -> None:
 
 
 def test_measured_output_change_with_bn_reestimation_leaves_the_model_as_it_was() -> None:
-    from lightning_obq.batchnorm import reestimate_batchnorm
-    from lightning_obq.mixed import output_changes
+    from lightning_obq.model.batchnorm import reestimate_batchnorm
+    from lightning_obq.model.mixed import output_changes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))

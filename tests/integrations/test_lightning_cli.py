@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.cli import LightningCLI
-from test_callback import TinyDataModule, TinyNet, accuracy, assert_on_grid
+from support import TinyDataModule, TinyNet, accuracy, assert_on_grid
 
 from lightning_obq import OBQCallback
 
-CONFIGS = Path(__file__).resolve().parents[1] / "callbacks"
+CONFIGS = Path(__file__).resolve().parents[2] / "callbacks"
 
 
 def _common(tmp_path: Path) -> list[str]:

@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_callback import read_wandb_history
+from support import read_wandb_history
 from torchvision import datasets, models
 
 from lightning_obq.cli import main
-from lightning_obq.data import prepare_fashion_mnist
+from lightning_obq.demo.data import prepare_fashion_mnist
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    """A private cache (data unpacked there, models trained there) and no W&B network access."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("LIGHTNING_OBQ_CACHE", str(folder))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    return folder
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -74,7 +65,7 @@ def test_unknown_architecture(capsys, command):
     assert "unknown architecture 'resnet_nonexistent'" in err
     err = _error(capsys, [command, "--model", "no_such_package.models:Net"])
     assert "unknown architecture 'no_such_package.models:Net'" in err
-    err = _error(capsys, [command, "--model", "lightning_obq.models:NoSuchClass"])
+    err = _error(capsys, [command, "--model", "lightning_obq.demo.models:NoSuchClass"])
     assert "has no attribute 'NoSuchClass'" in err
 
 
@@ -113,7 +104,7 @@ def test_console_entry_point_exit_status(tmp_path):
 
 @pytest.mark.slow
 def test_quantize_local_torchvision_model_on_image_folder(capsys, tmp_path, cache, resnet18_file, fashion_folder):
-    from lightning_obq.export import load_quantized
+    from lightning_obq.export.artifact import load_quantized
 
     out = tmp_path / "resnet18_w4.safetensors"
     report = tmp_path / "report.json"
@@ -193,7 +184,7 @@ def test_default_run_reduced(capsys, tmp_path, cache, keep_threads):
 
 def _compare_small_cnn(tmp_path, *options: str) -> list[dict]:
     """Run `compare` on an untrained width-4 SmallResNet checkpoint with the built-in data; its rows."""
-    from lightning_obq.models import ImageClassifier
+    from lightning_obq.demo.models import ImageClassifier
 
     torch.manual_seed(0)
     ckpt = tmp_path / "small.pt"

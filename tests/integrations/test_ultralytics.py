@@ -24,8 +24,10 @@ pytest.importorskip("ultralytics")
 from ultralytics import YOLO  # noqa: E402
 
 from lightning_obq import QuantConfig  # noqa: E402
-from lightning_obq.detection_data import CLASS_NAMES, build_detection_dataset  # noqa: E402
-from lightning_obq.ultralytics import (  # noqa: E402
+from lightning_obq.cli.yolo import add_yolo_subcommand  # noqa: E402
+from lightning_obq.demo.detection_data import CLASS_NAMES, build_detection_dataset  # noqa: E402
+from lightning_obq.demo.detector import train_detector  # noqa: E402
+from lightning_obq.integrations.ultralytics import (  # noqa: E402
     DFL_PATTERN,
     load_packed_yolo,
     load_yolo,
@@ -34,9 +36,7 @@ from lightning_obq.ultralytics import (  # noqa: E402
     read_recipe,
     save_packed_yolo,
     save_quantized_yolo,
-    train_detector,
 )
-from lightning_obq.yolo_cli import add_yolo_subcommand  # noqa: E402
 
 IMGSZ = 128
 TINY_YAML = """\
@@ -323,7 +323,7 @@ def test_cli_subcommand(tiny_yaml, det_data, tmp_path, capsys):
 def test_import_without_ultralytics():
     code = (
         "import sys; sys.modules['ultralytics'] = None\n"
-        "import lightning_obq.ultralytics as u\n"
+        "import lightning_obq.integrations.ultralytics as u\n"
         "try:\n    u.load_yolo('x.pt')\nexcept ImportError as e:\n    print('IMPORT-ERROR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

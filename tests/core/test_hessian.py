@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_obq.hessian import HessianAccumulator, layer_columns, weight_matrix
+from lightning_obq.core.hessian import HessianAccumulator, layer_columns, weight_matrix
 
 CONVS = {
     "conv2d_plain": (nn.Conv2d(4, 6, 3), (2, 4, 9, 9)),

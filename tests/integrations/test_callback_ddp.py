@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_obq import QuantConfig, quantize_model
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # support.py
 
 SCRIPT = textwrap.dedent(
     """
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
-    from test_callback import TinyNet, tiny_dataset
+    from support import TinyNet, tiny_dataset
     from lightning_obq import OBQCallback
 
     out = sys.argv[1]
@@ -59,8 +59,8 @@ SCRIPT = textwrap.dedent(
                          callbacks=[SaveFP(), cb, SaveQuantized()], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=out)
     handler = logging.FileHandler(os.path.join(out, f"solver{trainer.global_rank}.log"))
-    logging.getLogger("lightning_obq.distributed").addHandler(handler)
-    logging.getLogger("lightning_obq.distributed").setLevel(logging.DEBUG)
+    logging.getLogger("lightning_obq.integrations.lightning.distributed").addHandler(handler)
+    logging.getLogger("lightning_obq.integrations.lightning.distributed").setLevel(logging.DEBUG)
     trainer.fit(TinyNet(), DataLoader(tiny_dataset(128), batch_size=16, shuffle=True),
                 DataLoader(tiny_dataset(64, seed=1), batch_size=16))
 
@@ -115,7 +115,7 @@ def test_ddp_two_cpu_ranks_match_each_other_and_one_process(tmp_path: Path) -> N
     assert solved[0] | solved[1] == {"features.0", "features.3", "head"}
 
     # one process, same FP weights and the same calibration samples (the two shards, batched the same way)
-    from test_callback import TinyNet, tiny_dataset
+    from support import TinyNet, tiny_dataset
 
     model = TinyNet()
     model.load_state_dict(torch.load(tmp_path / "fp.pt", weights_only=True))
@@ -167,7 +167,7 @@ SPAWN_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
-    from test_callback import TinyNet, assert_on_grid, tiny_dataset
+    from support import TinyNet, assert_on_grid, tiny_dataset
     from lightning_obq import OBQCallback
 
     if __name__ == "__main__":

@@ -17,14 +17,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_obq import QuantConfig, QuantReport, quantize_model
-from lightning_obq.export import (
+from lightning_obq.export.artifact import (
     FORMAT_NAME,
-    PackedWeightMixin,
     load_quantized,
     resident_weight_bytes,
     save_quantized,
 )
-from lightning_obq.packing import pack_codes, packed_size, unpack_codes
+from lightning_obq.export.modules import PackedWeightMixin
+from lightning_obq.export.packing import pack_codes, packed_size, unpack_codes
 
 # --------------------------------------------------------------------------------------------- models
 
@@ -240,7 +240,7 @@ def test_ultralytics_detector_round_trip(tmp_path: Path) -> None:
     assert resident_weight_bytes(packed) < 0.2 * resident_weight_bytes(model)
     assert path.stat().st_size < 0.2 * resident_weight_bytes(model)
 
-    from lightning_obq.onnx_export import export_onnx
+    from lightning_obq.export.onnx import export_onnx
 
     onnx_path = export_onnx(packed, x, tmp_path / "yolo.onnx")  # checked in onnxruntime inside, too
     assert onnx_path.stat().st_size < 0.2 * resident_weight_bytes(model)
@@ -367,7 +367,7 @@ def test_save_rejects_bad_input(quantized_mlp, tmp_path: Path) -> None:
 
 
 def run_onnx(path: Path, x: torch.Tensor, exact: bool = True) -> np.ndarray:
-    from lightning_obq.onnx_export import ort_session
+    from lightning_obq.export.onnx import ort_session
 
     session = ort_session(path, exact)
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -382,7 +382,7 @@ def weight_initializers(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", ["w3-channel-fastobq", "w5-group-gptq", "w8-channel"])
 def test_onnx_matches_torch(name: str, tmp_path: Path) -> None:
-    from lightning_obq.onnx_export import export_onnx
+    from lightning_obq.export.onnx import export_onnx
 
     model = cnn()
     config = CONFIGS[name]
@@ -412,7 +412,7 @@ def test_onnx_dequantized_weights_are_bitwise_equal(weight_type: str, tmp_path: 
     import onnx
     import onnxruntime as ort
 
-    from lightning_obq.onnx_export import export_onnx
+    from lightning_obq.export.onnx import export_onnx
 
     for model, data, config in (
         (mlp(), features(), QuantConfig(bits=3, progress=False)),  # incl. a MatMul fed with W^T
@@ -441,7 +441,7 @@ def test_onnx_dequantized_weights_are_bitwise_equal(weight_type: str, tmp_path: 
 
 
 def test_onnx_from_packed_model_with_dynamic_batch(quantized_mlp, tmp_path: Path) -> None:
-    from lightning_obq.onnx_export import export_onnx
+    from lightning_obq.export.onnx import export_onnx
 
     model, report = quantized_mlp
     packed = load_quantized(save_quantized(model, tmp_path / "m.safetensors", report), mlp(seed=3),
@@ -457,7 +457,7 @@ def test_onnx_from_packed_model_with_dynamic_batch(quantized_mlp, tmp_path: Path
 
 
 def test_onnx_check_catches_a_wrong_model(quantized_mlp, tmp_path: Path) -> None:
-    from lightning_obq.onnx_export import check_onnx, export_onnx
+    from lightning_obq.export.onnx import check_onnx, export_onnx
 
     model, report = quantized_mlp
     x = features(3)
@@ -472,7 +472,7 @@ def test_onnx_check_catches_a_wrong_model(quantized_mlp, tmp_path: Path) -> None
 
 
 def test_onnx_bad_input(quantized_mlp, tmp_path: Path) -> None:
-    from lightning_obq.onnx_export import export_onnx
+    from lightning_obq.export.onnx import export_onnx
 
     model, report = quantized_mlp
     with pytest.raises(ValueError, match="no quantized layer"):

@@ -9,13 +9,14 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from test_core_solvers import correlated_problem
+from support import correlated_problem
 
-from lightning_obq import QuantConfig, quantize_layer, quantize_model, solvers
-from lightning_obq.data import fashion_mnist
-from lightning_obq.hessian import HessianAccumulator, damp_hessian, weight_matrix
-from lightning_obq.layer import layer_error
-from lightning_obq.quantizer import dequantize_codes, find_grid
+from lightning_obq import QuantConfig, quantize_layer, quantize_model
+from lightning_obq.core import refine, solvers
+from lightning_obq.core.grid import dequantize_codes, find_grid
+from lightning_obq.core.hessian import HessianAccumulator, damp_hessian, weight_matrix
+from lightning_obq.core.layer import layer_error
+from lightning_obq.demo.data import fashion_mnist
 
 
 @functools.cache
@@ -66,7 +67,7 @@ def test_no_sweep_raises_the_objective_and_codes_stay_on_the_grid(problem: str, 
     grid, scale, zero, start = starting_point(w, h, 2, granularity)
     objectives = []
     for sweeps in range(6):
-        codes, done, first = solvers.refine_codes(w, h, start, scale, zero, grid.maxq, sweeps, block=8, tol=0.0)
+        codes, done, first = refine.refine_codes(w, h, start, scale, zero, grid.maxq, sweeps, block=8, tol=0.0)
         assert done == sweeps
         assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= grid.maxq
         objectives.append(float(layer_error(w, dequantize_codes(codes, scale, zero), h.double())))
@@ -81,11 +82,11 @@ def test_scale_refit_lowers_the_objective_and_keeps_codes(granularity: str) -> N
     grid, scale, zero, codes = starting_point(w, h, 3, granularity)
     scale = scale * 1.2  # codes on a grid whose scale is off: the refit must find a better one
     off = grid.scale * 1.2
-    new = solvers.refit_scales(w, h, codes, off, grid.zero, grid.group_size, granularity == "tensor")
+    new = refine.refit_scales(w, h, codes, off, grid.zero, grid.group_size, granularity == "tensor")
     assert new.shape == grid.scale.shape and bool((new > 0).all()) and not torch.equal(new, off)
     if granularity == "tensor":
         assert torch.all(new == new.flatten()[0])
-    expand = solvers._expand_groups(new, 24, w.shape[-1]) if granularity == "group" else new
+    expand = refine._expand_groups(new, 24, w.shape[-1]) if granularity == "group" else new
     before = layer_error(w, dequantize_codes(codes, scale, zero), h)
     after = layer_error(w, dequantize_codes(codes, expand, zero), h)
     assert after < before
@@ -113,7 +114,7 @@ def test_refined_fastobq_is_at_or_below_exact_obq_on_a_brute_forced_problem(bits
     assert refined.error <= obq.error and refined.error <= refined.solve_error
     # On the fixed grid the sweeps alone stay at or above the exact optimum there, and below their start.
     grid, scale, zero, start = starting_point(w, h, bits, "channel")
-    codes, _, first = solvers.refine_codes(w, h, start, scale, zero, grid.maxq, 6, block=4)
+    codes, _, first = refine.refine_codes(w, h, start, scale, zero, grid.maxq, 6, block=4)
     on_grid = layer_error(w, dequantize_codes(codes, scale, zero), h)
     assert brute_force_error(w, h, scale, zero, grid.maxq) <= on_grid * (1 + 1e-5) and on_grid <= first
 

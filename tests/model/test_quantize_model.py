@@ -11,8 +11,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_obq import QuantConfig, quantize_model
-from lightning_obq.batchnorm import reestimate_batchnorm
-from lightning_obq.quantizer import dequantize_codes
+from lightning_obq.core.grid import dequantize_codes
+from lightning_obq.model.batchnorm import reestimate_batchnorm
 
 
 def small_cnn() -> nn.Module:

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_obq import hessian as hessian_module
-from lightning_obq.hessian import HessianAccumulator, layer_columns, symmetric_update
+from lightning_obq.core import hessian as hessian_module
+from lightning_obq.core.hessian import HessianAccumulator, layer_columns, symmetric_update
 
 
 @pytest.mark.parametrize("d, block", [(10, 3), (12, 4), (7, 2), (9, 100)])

@@ -6,23 +6,14 @@ import logging
 
 import pytest
 import torch
+from support import correlated_problem
 
-from lightning_obq import QuantConfig, quantize_layer, solvers
-from lightning_obq.config import ORDERS
-from lightning_obq.hessian import damp_hessian
-from lightning_obq.quantizer import dequantize_codes, fake_quantize, find_grid, quantize_codes
-from lightning_obq.solvers import reorder_block, solve_obq
-
-
-def correlated_problem(d_row: int = 24, d_col: int = 48, n: int = 4000, seed: int = 0):
-    """A weight and the Hessian of strongly correlated inputs (as in real conv layers)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d_col, d_col, generator=g) / d_col**0.5 + torch.eye(d_col)
-    x = mix @ torch.randn(d_col, n, generator=g)
-    x = x + 0.8 * x.roll(1, 0)
-    h = 2 / n * x @ x.T
-    w = torch.randn(d_row, d_col, generator=g) * 0.1
-    return w, h
+from lightning_obq import QuantConfig, quantize_layer
+from lightning_obq.core import solvers
+from lightning_obq.core.config import ORDERS
+from lightning_obq.core.grid import dequantize_codes, fake_quantize, find_grid, quantize_codes
+from lightning_obq.core.hessian import damp_hessian
+from lightning_obq.core.solvers import reorder_block, solve_obq
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -270,7 +261,7 @@ def test_results_do_not_depend_on_the_default_dtype() -> None:
 
 
 def test_kernels_load_compiles_each_kernel_for_its_one_signature() -> None:
-    from lightning_obq import kernels
+    from lightning_obq.core import kernels
 
     assert kernels.load() >= 0.0
     assert [loader.cache_info().currsize for loader in kernels._LOADERS] == [1, 1, 1]

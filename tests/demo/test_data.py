@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_obq.data import (
+from lightning_obq.demo.data import (
     FILES,
     SYSTEM_DIRS,
     FashionMNISTDataModule,

@@ -20,15 +20,15 @@ Stable API (other benchmark scripts import it; keep these signatures):
 - ``torchvision_model(name, images, batch=32, seed=0) -> nn.Module``: a randomly initialised torchvision
   model in eval mode whose BatchNorm statistics were estimated on ``images`` (sane activations).
 
-Scripts run as ``python benchmarks/<name>.py`` import it as ``from common import ...`` (the script's
-folder is on ``sys.path``); ``python -m benchmarks.<name>`` can use ``from benchmarks.common import ...``.
+Scripts run as ``python benchmarks/<name>.py`` import it as ``from common import ...`` (Python puts the
+script's folder first on ``sys.path``) and the library as the installed package, so no script edits
+``sys.path``.
 Numbers in results files must come from the scripts, never be typed in by hand.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
 import time
@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_obq.core.measure import machine_info as library_machine_info
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 JEMALLOC_CANDIDATES = (
@@ -49,36 +51,6 @@ JEMALLOC_CANDIDATES = (
     "/usr/lib64/libjemalloc.so.2",
     "/usr/local/lib/libjemalloc.so.2",
 )
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _total_memory_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def _blas() -> str:
-    config = torch.__config__.show()
-    for key in ("BLAS_INFO=", "LAPACK_INFO="):
-        if key in config:
-            return config.split(key, 1)[1].split(",", 1)[0].strip()
-    return "unknown"
 
 
 def load_average() -> tuple[float, float, float]:
@@ -139,15 +111,16 @@ def reexec_with_jemalloc() -> bool:
 
 
 def machine_info() -> str:
-    """One markdown paragraph describing the machine and software the numbers were measured on."""
-    mem = _total_memory_gb()
+    """One markdown paragraph describing the machine and software the numbers were measured on
+    (`lightning_obq.core.measure.machine_info`, plus the allocator)."""
+    info = library_machine_info()
     parts = [
-        f"CPU: {_cpu_model()}, {os.cpu_count()} logical cores",
-        f"RAM: {mem:.1f} GB" if mem is not None else None,
-        f"{platform.system()} {platform.release()}",
-        f"Python {platform.python_version()}",
-        f"torch {torch.__version__} (BLAS: {_blas()}, {torch.get_num_threads()} threads)",
-        f"CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CUDA: none",
+        f"CPU: {info['cpu']}, {info['cores']} logical cores",
+        f"RAM: {info['ram_gb']:.1f} GB" if info["ram_gb"] is not None else None,
+        f"{info['system']} {info['release']}",
+        f"Python {info['python']}",
+        f"torch {info['torch']} (BLAS: {info['blas']}, {info['torch_threads']} threads)",
+        f"CUDA: {info['cuda_device']}" if "cuda_device" in info else "CUDA: none",
         "allocator: jemalloc (LD_PRELOAD)" if jemalloc_active() else "allocator: glibc malloc",
     ]
     return "Machine: " + "; ".join(p for p in parts if p) + "."
@@ -280,7 +253,7 @@ def calibration_images(n: int, size: int = 224, seed: int = 0) -> tuple[torch.Te
     tiles_per_side = 4
     tile = size // tiles_per_side
     try:
-        from lightning_obq.data import fashion_mnist
+        from lightning_obq.demo.data import fashion_mnist
 
         data = fashion_mnist(train=True, download=False, channels=3)
         count = n * tiles_per_side**2
@@ -311,7 +284,7 @@ def torchvision_model(name: str, images: torch.Tensor, batch: int = 32, seed: in
     """
     import torchvision
 
-    from lightning_obq.batchnorm import reestimate_batchnorm
+    from lightning_obq.model.batchnorm import reestimate_batchnorm
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None).eval()

@@ -25,16 +25,12 @@ import argparse
 import copy
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from common import (
     RESULTS,
     calibration_images,
     command_line,
@@ -46,14 +42,14 @@ from common import (  # noqa: E402
     torchvision_model,
     write_markdown,
 )
-from layers import obq_estimate  # noqa: E402
+from layers import obq_estimate
 
-from lightning_obq import QuantConfig, kernels, quantize_layer, quantize_model  # noqa: E402
-from lightning_obq import hessian as hessian_module  # noqa: E402
-from lightning_obq.hessian import HessianAccumulator, layer_columns, weight_matrix  # noqa: E402
-from lightning_obq.layer import LayerResult  # noqa: E402
-from lightning_obq.measure import measure  # noqa: E402
-from lightning_obq.quantize import find_layers  # noqa: E402
+from lightning_obq import QuantConfig, kernels, quantize_layer, quantize_model
+from lightning_obq import hessian as hessian_module
+from lightning_obq.core.hessian import HessianAccumulator, layer_columns, weight_matrix
+from lightning_obq.core.layer import LayerResult
+from lightning_obq.core.measure import measure
+from lightning_obq.model.capture import find_layers
 
 METHODS = ("fastobq", "gptq", "rtn")
 

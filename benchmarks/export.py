@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_obq import QuantConfig, quantize_model
-from lightning_obq.export import load_quantized, resident_weight_bytes, save_quantized
-from lightning_obq.measure import measure
-from lightning_obq.onnx_export import export_onnx
+from lightning_obq.core.measure import measure
+from lightning_obq.export.artifact import load_quantized, resident_weight_bytes, save_quantized
+from lightning_obq.export.onnx import export_onnx
 
 MB = 2**20
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,10 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from common import (
     RESULTS,
     calibration_images,
     command_line,
@@ -47,13 +43,13 @@ from common import (  # noqa: E402
     write_markdown,
 )
 
-import lightning_obq.layer as layer_module  # noqa: E402
-from lightning_obq import QuantConfig, kernels, quantize_layer  # noqa: E402
-from lightning_obq.config import DEFAULT_ORDER  # noqa: E402
-from lightning_obq.hessian import HessianAccumulator, damp_hessian, weight_matrix  # noqa: E402
-from lightning_obq.layer import LayerResult, layer_error  # noqa: E402
-from lightning_obq.measure import measure  # noqa: E402
-from lightning_obq.solvers import inverse_hessian, obq_row_batch  # noqa: E402
+import lightning_obq.core.layer as layer_module
+from lightning_obq import QuantConfig, kernels, quantize_layer
+from lightning_obq.core.config import DEFAULT_ORDER
+from lightning_obq.core.hessian import HessianAccumulator, damp_hessian, weight_matrix
+from lightning_obq.core.layer import LayerResult, layer_error
+from lightning_obq.core.measure import measure
+from lightning_obq.core.solvers import inverse_hessian, obq_row_batch
 
 METHODS = {  # label -> config changes
     "fastobq": {"method": "fastobq"},

@@ -20,9 +20,9 @@ import torch
 from common import RESULTS, command_line, fmt, markdown_table, write_markdown
 
 from lightning_obq import QuantConfig
-from lightning_obq.cli import quantize_and_evaluate
-from lightning_obq.data import FashionMNISTDataModule
-from lightning_obq.train import TrainSettings, train_default_model
+from lightning_obq.cli.jobs import quantize_and_evaluate
+from lightning_obq.demo.data import FashionMNISTDataModule
+from lightning_obq.demo.train import TrainSettings, train_default_model
 
 MODELS = {
     "SmallResNet": TrainSettings(),

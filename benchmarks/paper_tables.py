@@ -1,8 +1,8 @@
 """The FastOBQ paper's Table 1 (methods) and Table 3 (column order ablation) at this machine's scale.
 
-Model: the demo `SmallResNet` (width 32) trained on the real Fashion-MNIST (`lightning_obq.train`, cached
+Model: the demo `SmallResNet` (width 32) trained on the real Fashion-MNIST (`lightning_obq.demo.train`, cached
 after the first run). Calibration: the first ``--calib-samples`` training images; evaluation: the 10k test
-images. Every run goes through `OBQCallback` exactly like ``lightning-obq`` (`lightning_obq.cli.run_jobs`), so
+images. Every run goes through `OBQCallback` exactly like ``lightning-obq`` (`lightning_obq.cli.jobs.run_jobs`), so
 accuracy, output fidelity, seconds and peak memory are measured by the library's own code.
 
     python benchmarks/paper_tables.py                      # writes benchmarks/results/paper_tables.md
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from common import RESULTS, command_line, load_average, markdown_table, reexec_with_jemalloc, write_markdown
 
-from lightning_obq.cli import Job, run_jobs
-from lightning_obq.config import DEFAULT_ORDER, ORDERS, QuantConfig
-from lightning_obq.data import FashionMNISTDataModule
-from lightning_obq.train import TrainSettings, train_default_model
+from lightning_obq.cli.jobs import Job, run_jobs
+from lightning_obq.core.config import DEFAULT_ORDER, ORDERS, QuantConfig
+from lightning_obq.demo.data import FashionMNISTDataModule
+from lightning_obq.demo.train import TrainSettings, train_default_model
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -37,8 +37,8 @@ from photos import photo_crops
 from pretrained_models import EFFICIENTNET_SIZES, MTCNN_SIZES, load_efficientnet_lite, load_mtcnn
 
 from lightning_obq import QuantConfig, capture_hessians, quantize_model
-from lightning_obq.cli import estimate_obq_seconds
-from lightning_obq.fidelity import OutputFidelity
+from lightning_obq.cli.jobs import estimate_obq_seconds
+from lightning_obq.integrations.lightning.fidelity import OutputFidelity
 
 MTCNN_NORM = {"mean": (127.5 / 255,) * 3, "std": (128 / 255,) * 3}
 METHODS = [("fastobq", None), ("gptq", "none"), ("gptq", "act"), ("rtn", None), ("obq", None)]
@@ -72,7 +72,7 @@ def face_fidelity(reference: Sequence[Any], candidate: nn.Module, batches: Seque
 
 def classifier_fidelity(reference: Sequence[Any], candidate: nn.Module, batches: Sequence[torch.Tensor]
                         ) -> dict[str, float]:
-    """Top-1 agreement and KL to the FP logits (`lightning_obq.fidelity.OutputFidelity`)."""
+    """Top-1 agreement and KL to the FP logits (`lightning_obq.integrations.lightning.fidelity.OutputFidelity`)."""
     metric = OutputFidelity()
     with torch.no_grad():
         for x, ref in zip(batches, reference, strict=True):

@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
+from common import RESULTS, command_line, fmt, markdown_table, reexec_with_jemalloc, write_markdown
+from layers import LARGE_D_COL
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, command_line, fmt, markdown_table, reexec_with_jemalloc, write_markdown  # noqa: E402
-from layers import LARGE_D_COL  # noqa: E402
-
-from lightning_obq.config import DEFAULT_ORDER  # noqa: E402
-from lightning_obq.hessian import damp_hessian  # noqa: E402
-from lightning_obq.measure import measure  # noqa: E402
-from lightning_obq.quantizer import find_grid  # noqa: E402
-from lightning_obq.solvers import inverse_hessian, obq_row_batch, solve_column_parallel, solve_obq  # noqa: E402
+from lightning_obq.core.config import DEFAULT_ORDER
+from lightning_obq.core.grid import find_grid
+from lightning_obq.core.hessian import damp_hessian
+from lightning_obq.core.measure import measure
+from lightning_obq.core.solvers import inverse_hessian, obq_row_batch, solve_column_parallel, solve_obq
 
 
 def problem(d_row: int, d_col: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

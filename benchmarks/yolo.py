@@ -1,6 +1,6 @@
 """YOLO benchmark: detectors trained here, FP vs W8/W6/W4 for fastobq, gptq, rtn (and obq where it fits).
 
-Builds the Fashion-MNIST detection set (`lightning_obq.detection_data`), trains each model from its
+Builds the Fashion-MNIST detection set (`lightning_obq.demo.detection_data`), trains each model from its
 Ultralytics yaml (no pretrained weights exist offline; the run is cached), then quantizes a fresh copy of
 the trained weights for every method and bit width with `quantize_yolo` and validates with ``YOLO.val``.
 Writes a Markdown table with mAP50-95, mAP50, quantization seconds and peak RSS, plus the command and
@@ -20,19 +20,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no network probes from Ultralytics (fonts, hub, checks)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch.nn as nn
+import ultralytics
+from common import command_line, load_note, machine_info
 
-import torch.nn as nn  # noqa: E402
-import ultralytics  # noqa: E402
-from common import command_line, load_note, machine_info  # noqa: E402
-
-from lightning_obq import QuantConfig  # noqa: E402
-from lightning_obq.data import cache_dir  # noqa: E402
-from lightning_obq.detection_data import DetectionSetSpec, build_detection_dataset  # noqa: E402
-from lightning_obq.hessian import weight_matrix  # noqa: E402
-from lightning_obq.measure import measure  # noqa: E402
-from lightning_obq.quantize import find_layers  # noqa: E402
-from lightning_obq.ultralytics import DFL_PATTERN, evaluate_yolo, quantize_yolo, train_detector  # noqa: E402
+from lightning_obq import QuantConfig
+from lightning_obq.core.hessian import weight_matrix
+from lightning_obq.core.measure import measure
+from lightning_obq.demo.data import cache_dir
+from lightning_obq.demo.detection_data import DetectionSetSpec, build_detection_dataset
+from lightning_obq.demo.detector import train_detector
+from lightning_obq.integrations.ultralytics import DFL_PATTERN, evaluate_yolo, quantize_yolo
+from lightning_obq.model.capture import find_layers
 
 
 def obq_tflop(model: nn.Module) -> float:
@@ -124,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine_info()} Ultralytics {ultralytics.__version__}. {load_note()}",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; whole run {total:.0f}s.",
         "",
-        "Data: the Fashion-MNIST detection set (`lightning_obq.detection_data`): "
+        "Data: the Fashion-MNIST detection set (`lightning_obq.demo.detection_data`): "
         f"{spec.train_images} train / {spec.val_images} val canvases of {spec.canvas[0]}-{spec.canvas[1]} px with "
         f"{spec.objects[0]}-{spec.objects[1]} items of {spec.item_size[0]}-{spec.item_size[1]} px, 10 classes, "
         f"seed {spec.seed}. Validation: `YOLO.val` on the val split at imgsz {args.imgsz} (rect batches, "
         "Ultralytics defaults otherwise).",
         "",
-        "Models (trained from scratch on CPU by `lightning_obq.ultralytics.train_detector`):",
+        "Models (trained from scratch on CPU by `lightning_obq.demo.detector.train_detector`):",
         "",
         *[f"- {t}" for t in trained],
         "",

@@ -11,7 +11,7 @@ CSV logger and to an offline W&B run (``wandb sync <run dir>`` uploads it later)
     python examples/lightning_callback.py --devices 2 --strategy ddp   # the same on 2 processes
 
 Fashion-MNIST is read from the local copy (``/usr/share/datasets/fashion-mnist`` or ``--data-root``),
-see `lightning_obq.data.FashionMNISTDataModule`.
+see `lightning_obq.demo.data.FashionMNISTDataModule`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_obq import OBQCallback
-from lightning_obq.data import FashionMNISTDataModule
-from lightning_obq.models import ImageClassifier
+from lightning_obq.demo.data import FashionMNISTDataModule
+from lightning_obq.demo.models import ImageClassifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_obq.data import FashionMNISTDataModule
-from lightning_obq.models import ImageClassifier
+from lightning_obq.demo.data import FashionMNISTDataModule
+from lightning_obq.demo.models import ImageClassifier
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from torchvision import models
 
 from lightning_obq import QuantConfig, QuantReport, quantize_model
-from lightning_obq.data import fashion_mnist, image_folder, subset
-from lightning_obq.fidelity import output_fidelity
+from lightning_obq.demo.data import fashion_mnist, image_folder, subset
+from lightning_obq.model.fidelity import output_fidelity
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[torch.nn.Module, QuantRepor
     print(f"top-1 agreement with FP: {100 * report.metrics['top1_agreement']:.2f}%   "
           f"KL(FP || W{args.bits}): {report.metrics['kl_div']:.5f}")
     if args.output is not None:
-        from lightning_obq.export import save_quantized
+        from lightning_obq.export.artifact import save_quantized
 
         print(f"saved {save_quantized(model, args.output, report)}")
     return model, report

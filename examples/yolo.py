@@ -19,14 +19,14 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # this example never needs the network
 
-from lightning_obq.data import cache_dir  # noqa: E402
-from lightning_obq.detection_data import DetectionSetSpec, build_detection_dataset  # noqa: E402
-from lightning_obq.ultralytics import (  # noqa: E402
+from lightning_obq.demo.data import cache_dir  # noqa: E402
+from lightning_obq.demo.detection_data import DetectionSetSpec, build_detection_dataset  # noqa: E402
+from lightning_obq.demo.detector import train_detector  # noqa: E402
+from lightning_obq.integrations.ultralytics import (  # noqa: E402
     obq_callback,
     quantize_yolo,
     read_recipe,
     save_quantized_yolo,
-    train_detector,
 )
 
 

@@ -221,7 +221,7 @@ class SamePadConv(nn.Conv2d):
 def test_linear_gains_follow_layers_that_pad_in_their_forward() -> None:
     """The first-order estimate runs each layer's own forward: with a linear rest of the network it matches
     the measured output change of quantizing that layer alone."""
-    from lightning_obq.mixed import linear_output_changes, output_changes
+    from lightning_obq.model.mixed import linear_output_changes, output_changes
 
     torch.manual_seed(0)
     model = nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))

@@ -31,13 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lightning_obq.export.artifact import (
-    LayerSpec,
-    PackedWeightMixin,
-    dequantize_packed,
-    quantized_layers,
-    unpack_module,
-)
+from lightning_obq.export.artifact import quantized_layers
+from lightning_obq.export.modules import LayerSpec, PackedWeightMixin, dequantize_packed, unpack_module
 from lightning_obq.export.packing import pack_codes, unpack_codes
 from lightning_obq.extras import require_extra
 from lightning_obq.model.report import QuantReport

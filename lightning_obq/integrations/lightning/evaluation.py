@@ -79,6 +79,10 @@ def evaluate_module(pl_module: pl.LightningModule, loaders: list[Any], stage: st
     for module in copy_.modules():
         if isinstance(module, Metric):
             module.reset()
+    # The two pieces of Lightning-private state touched here, both forced by evaluating in a Trainer of its own
+    # (the only public way to run the module's own validation_step with working self.log/torchmetrics):
+    # a one-device Trainer sets the process-global rank_zero_only.rank to 0, which on rank k of a DDP run
+    # must be put back, and the copy's `_metric_attributes` cache (above) would name the original's metrics.
     rank = rank_zero_only.rank
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
     levels = [lg.level for lg in quiet]

@@ -49,7 +49,7 @@ def add_yolo_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_yolo(args: argparse.Namespace) -> int:
     """Run the ``yolo`` subcommand; prints the per-layer table and the mAPs, returns 0 on success."""
-    from lightning_obq.integrations.ultralytics.yolo import quantize_yolo, save_quantized_yolo
+    from lightning_obq.integrations.ultralytics import quantize_yolo, save_quantized_yolo
 
     extra: dict[str, Any] = {}
     if args.damp is not None:

@@ -321,11 +321,13 @@ def test_cli_subcommand(tiny_yaml, det_data, tmp_path, capsys):
 
 
 def test_import_without_ultralytics():
+    """Without Ultralytics the integration fails at its import, with an ImportError naming the extra."""
     code = (
         "import sys; sys.modules['ultralytics'] = None\n"
-        "import lightning_obq.integrations.ultralytics as u\n"
-        "try:\n    u.load_yolo('x.pt')\nexcept ImportError as e:\n    print('IMPORT-ERROR', e)\n"
+        "import lightning_obq\n"
+        "try:\n    import lightning_obq.integrations.ultralytics\nexcept ImportError as e:\n"
+        "    print('IMPORT-ERROR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "IMPORT-ERROR" in out.stdout and "pip install ultralytics" in out.stdout
+    assert "IMPORT-ERROR" in out.stdout and "pip install 'lightning-obq[ultralytics]'" in out.stdout

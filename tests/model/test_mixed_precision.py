@@ -239,8 +239,8 @@ def test_budgeted_batchnorm_step_equals_a_fresh_settle_of_the_final_weights() ->
     which must equal settling the final weights from scratch."""
     import copy
 
+    from lightning_obq.demo.models import MobileNetV2Small
     from lightning_obq.model.batchnorm import batchnorm_layers, plan_batchnorm, settle_batchnorm
-    from lightning_obq.models import MobileNetV2Small
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ Stable API (other benchmark scripts import it; keep these signatures):
 - ``load_average() -> tuple[float, float, float]`` and ``load_note() -> str``: the 1/5/15 min load, and a
   sentence saying whether other jobs shared the CPU while the numbers were taken.
 - ``command_line() -> str``: the exact command that is running (for the "produced by" line).
+- ``utc_stamp() -> str``: the current time as results files print it.
 - ``markdown_table(headers, rows) -> str``: a GitHub markdown table; numbers are formatted with ``fmt``.
 - ``fmt(value, digits=3) -> str``: compact number formatting (``3.14``, ``1.2e-05``, ``12,345``).
 - ``write_markdown(path, title, command, sections, intro="") -> Path``: writes a results file with the
@@ -179,6 +180,11 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits
     return "\n".join(lines)
 
 
+def utc_stamp() -> str:
+    """The current time as results files print it (``2026-12-02 08:14 UTC``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def write_markdown(
     path: str | Path,
     title: str,
@@ -194,7 +200,6 @@ def write_markdown(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     items = list(sections.items()) if isinstance(sections, dict) else list(sections)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"# {title}", ""]
     if intro:
         out += [intro.strip(), ""]
@@ -207,7 +212,7 @@ def write_markdown(
         "",
         machine_info(),
         "",
-        f"Written {stamp}. {load_note()}",
+        f"Written {utc_stamp()}. {load_note()}",
         "",
     ]
     for heading, body in items:

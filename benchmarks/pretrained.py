@@ -26,19 +26,18 @@ import copy
 import re
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from common import RESULTS, command_line, current_rss_mb, fmt, load_note, markdown_table, write_markdown
+from common import RESULTS, command_line, current_rss_mb, fmt, load_note, markdown_table, utc_stamp, write_markdown
 from photos import photo_crops
 from pretrained_models import EFFICIENTNET_SIZES, MTCNN_SIZES, load_efficientnet_lite, load_mtcnn
 
 from lightning_obq import QuantConfig, capture_hessians, quantize_model
 from lightning_obq.cli.jobs import estimate_obq_seconds
-from lightning_obq.integrations.lightning.fidelity import OutputFidelity
+from lightning_obq.model.fidelity import fidelity_from_terms, fidelity_terms
 
 MTCNN_NORM = {"mean": (127.5 / 255,) * 3, "std": (128 / 255,) * 3}
 METHODS = [("fastobq", None), ("gptq", "none"), ("gptq", "act"), ("rtn", None), ("obq", None)]
@@ -72,12 +71,10 @@ def face_fidelity(reference: Sequence[Any], candidate: nn.Module, batches: Seque
 
 def classifier_fidelity(reference: Sequence[Any], candidate: nn.Module, batches: Sequence[torch.Tensor]
                         ) -> dict[str, float]:
-    """Top-1 agreement and KL to the FP logits (`lightning_obq.integrations.lightning.fidelity.OutputFidelity`)."""
-    metric = OutputFidelity()
+    """Top-1 agreement and KL to the FP logits, summed as `lightning_obq.model.fidelity.output_fidelity` does."""
     with torch.no_grad():
-        for x, ref in zip(batches, reference, strict=True):
-            metric.update(ref, candidate(x))
-    return metric.compute()
+        terms = sum(fidelity_terms(ref, candidate(x)) for x, ref in zip(batches, reference, strict=True))
+    return fidelity_from_terms(terms)
 
 
 def models(which: Sequence[str], calib: int, evaluate: int
@@ -196,8 +193,7 @@ def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
 
 def provenance() -> str:
     """The line that opens a section: what produced it, when, and how loaded the machine was."""
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"Produced by `{command_line()}`, {stamp}. {load_note()}\n\n"
+    return f"Produced by `{command_line()}`, {utc_stamp()}. {load_note()}\n\n"
 
 
 def earlier_sections(path: Path, replaced: set[str]) -> list[tuple[str, str]]:

@@ -195,7 +195,7 @@ def capture(model: nn.Module, names: list[str], images: torch.Tensor, batch: int
     """Hessians of ``names`` from forward passes over ``images`` (the library's accumulator and hooks)."""
     modules = dict(model.named_modules())
     accs = {n: HessianAccumulator(modules[n], n) for n in names}
-    handles = [modules[n].register_forward_hook(accs[n].hook) for n in names]
+    handles = [h for n in names for h in accs[n].register()]
     try:
         with torch.no_grad():
             for x in images.split(batch):

@@ -8,12 +8,18 @@ inputs become ``X`` of shape ``[G, d_col, N]`` with the same column order as
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
+_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
 
 
 def layer_groups(module: nn.Module) -> int:
@@ -159,9 +165,53 @@ class HessianAccumulator:
         is_batched = not (isinstance(self.module, ConvNd) and x.dim() == len(self.module.kernel_size) + 1)
         self.samples += x.shape[0] if is_batched and x.dim() > 1 else 1
 
-    def hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        """Forward hook signature: ``module.register_forward_hook(acc.hook)``."""
-        self.update(inputs[0])
+    def register(self) -> list[RemovableHandle]:
+        """Hook the layer so every forward adds its input (`record_layer_inputs`); remove the handles to stop."""
+        return record_layer_inputs(self.module, self.update)
+
+
+class _ConvCallInput(TorchFunctionMode):
+    """Catches the input of the first conv call with a weight shaped like ``weight``, inside one forward."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.shape = weight.shape
+        self.input: torch.Tensor | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.input is None and func in _CONV_FUNCTIONS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(weight, torch.Tensor) and weight.shape == self.shape:
+                self.input = args[0] if args else kwargs["input"]
+        return func(*args, **kwargs)
+
+
+def record_layer_inputs(module: nn.Module, on_input: Callable[[torch.Tensor], None]) -> list[RemovableHandle]:
+    """Forward hooks that call ``on_input(x)`` with the tensor the layer's weight is applied to.
+
+    For `nn.Linear` and the plain convs that is the module's input. A conv subclass with its own ``forward`` may
+    transform the input first: TF-style "same" convs (EfficientNet-Lite, timm's ``Conv2dSame``) pad it inside
+    ``forward`` and call the conv with ``padding=0``. Their Hessian must see the padded input, or the border
+    positions are missing from it, so for those the input of the conv call itself is caught during the forward
+    (a `TorchFunctionMode` active only inside that module). Exceptions raised by ``on_input`` propagate.
+    """
+    if type(module).forward in _PLAIN_FORWARDS or not isinstance(module, ConvNd):
+        return [module.register_forward_hook(lambda m, inputs, output: on_input(inputs[0]))]
+    active: list[_ConvCallInput] = []
+
+    def enter(m: nn.Module, inputs: tuple[Any, ...]) -> None:
+        active.append(_ConvCallInput(m.weight))
+        active[-1].__enter__()
+
+    def leave(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not active:
+            return
+        mode = active.pop()
+        mode.__exit__(None, None, None)
+        on_input(inputs[0] if mode.input is None else mode.input)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
 
 
 def damp_hessian(h: torch.Tensor, damp: float, mode: str) -> torch.Tensor:

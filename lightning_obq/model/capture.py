@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from lightning_obq.core.config import QuantConfig
-from lightning_obq.core.hessian import HessianAccumulator, weight_matrix
+from lightning_obq.core.hessian import HessianAccumulator, record_layer_inputs, weight_matrix
 from lightning_obq.model.calibration import ForwardFn, draw_batches, run_batches
 from lightning_obq.model.state import module_mode
 
@@ -66,16 +66,16 @@ def capture_layers(
     seen: dict[str, int] = {}
 
     def make_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            accs[name].update(inputs[0])
+        def on_input(x: torch.Tensor) -> None:
+            accs[name].update(x)
             if calls is not None:
                 seen[name] = seen.get(name, 0) + 1
                 if all(seen.get(n, 0) >= calls[n] for n in layers):
                     raise _StopForward
 
-        return hook
+        return on_input
 
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    handles = [h for name, m in layers.items() for h in record_layer_inputs(m, make_hook(name))]
     try:
         for batch in batches:
             seen.clear()

@@ -51,11 +51,12 @@ def test_conv2d_hessian_equals_explicit_unfold(name: str) -> None:
     conv, shape = CONVS[name]
     batches = [torch.randn(shape) for _ in range(3)]
     acc = HessianAccumulator(conv)
-    handle = conv.register_forward_hook(acc.hook)
+    handles = acc.register()
     with torch.no_grad():
         for x in batches:
             conv(x)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     x = torch.cat(batches)
     if conv.padding_mode != "zeros" or conv.padding == "same":
         x = F.pad(x, conv._reversed_padding_repeated_twice,
@@ -134,3 +135,37 @@ def test_position_fraction_is_validated() -> None:
         QuantConfig(position_fraction="half")
     with pytest.raises(ValueError, match="position_fraction"):
         HessianAccumulator(nn.Linear(2, 2), position_fraction=0.0)
+
+
+class PadInForwardConv(nn.Conv2d):
+    """A TF-style "same" conv as EfficientNet-Lite and timm build it: asymmetric zero padding inside ``forward``,
+    then the conv with ``padding=0``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, padding=0, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_hessian_sees_the_input_a_conv_pads_inside_its_forward(groups: int) -> None:
+    torch.manual_seed(0)
+    conv = PadInForwardConv(4, 8, 3, groups=groups)
+    plain = nn.Conv2d(4, 8, 3, groups=groups)
+    batches = [torch.randn(2, 4, 7, 7) for _ in range(2)]
+    accs = [HessianAccumulator(conv), HessianAccumulator(plain)]
+    handles = [h for acc in accs for h in acc.register()]
+    with torch.no_grad():
+        for x in batches:
+            conv(x)
+            plain(F.pad(x, (0, 1, 0, 1)))
+    for handle in handles:
+        handle.remove()
+    assert accs[0].columns == accs[1].columns == 2 * 2 * 6 * 6  # 6x6 outputs (5x5 without the padding)
+    assert torch.equal(accs[0].hessian, accs[1].hessian)
+    with torch.no_grad():  # no hook left behind: the next forward adds nothing
+        conv(batches[0])
+    assert accs[0].columns == 144

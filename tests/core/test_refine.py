@@ -30,10 +30,11 @@ def _real_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     out = {}
     for name in ("2", "4"):
         acc = HessianAccumulator(net[int(name)], name)
-        handle = net[int(name)].register_forward_hook(acc.hook)
+        handles = acc.register()
         with torch.no_grad():
             net(images)
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         out[name] = (weight_matrix(net[int(name)]).detach(), acc.hessian)
     return out
 

@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"model": name, "method": "FP", "bits": 32, **fp, "seconds": None, "peak_mb": None})
         print(f"{name}: FP {fp}", flush=True)
         obq_cost = obq_tflop(fp_yolo.model)
-        runs = [(method, bits, False) for method in args.methods for bits in args.bits]
-        runs += [("fastobq", bits, True) for bits in args.bn_bits]
-        for method, bits, reestimate_bn in runs:
+        runs = [(method, bits, "auto") for method in args.methods for bits in args.bits]
+        runs += [("fastobq", bits, "reestimate") for bits in args.bn_bits]
+        for method, bits, bn_mode in runs:
             if method == "obq" and obq_cost > args.obq_budget_tflop:
                 if bits == args.bits[0]:
                     notes.append(f"{name} obq skipped: its layers need about {obq_cost:.1f} TFLOP of per-row "
@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             yolo, report = quantize_yolo(str(weights), data=data, bits=bits, method=method,
                                          calib_images=args.calib_images, imgsz=args.imgsz, batch=args.batch,
-                                         fp_metrics=fp, reestimate_bn=reestimate_bn, progress=False)
+                                         fp_metrics=fp, bn_mode=bn_mode, progress=False)
             m = report.metrics
-            label = method + (" + BN re-estimation" if reestimate_bn else "")
+            label = method + (" + BN re-estimation" if bn_mode == "reestimate" else "")
             rows.append({"model": name, "method": label, "bits": bits, "mAP50-95": m["quant/mAP50-95"],
                          "mAP50": m["quant/mAP50"], "seconds": report.total_seconds,
                          "solve_seconds": report.solve_seconds, "peak_mb": report.peak_rss_mb,
                          "layers": len(report.layers), "error": report.total_error,
-                         "rtn_error": report.total_rtn_error})
+                         "rtn_error": report.total_rtn_error, "bn": report.batchnorm.get("chosen", "-")})
             print(f"{name} {label} W{bits}: mAP50-95 {m['quant/mAP50-95']:.4f} mAP50 {m['quant/mAP50']:.4f} "
                   f"{report.total_seconds:.1f}s", flush=True)
     total = time.perf_counter() - started
@@ -134,21 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {t}" for t in trained],
         "",
         "Quantization: every Conv2d except the DFL conv, per-channel asymmetric grid with MSE range search, "
-        f"damp 0.1 (config defaults), {args.calib_images} train images for calibration; trained BatchNorm "
-        "statistics kept (the `quantize_yolo` default), except in the rows marked BN re-estimation. "
+        f"damp 0.1 (config defaults), {args.calib_images} train images for calibration; BatchNorm by the default "
+        "`bn_mode=\"auto\"` (column 'BN': what it chose by held-back output fidelity), except in the rows marked "
+        "BN re-estimation (`bn_mode=\"reestimate\"`, the paper's step). "
         "Seconds = calibration + solve + BN re-estimation (`QuantReport.total_seconds`); peak MB = process "
         "peak RSS during quantization (includes the Python process, Ultralytics and the model).",
         "",
-        "| model | method | bits | mAP50-95 | mAP50 | seconds | solve s | peak MB | layer error / RTN |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | method | bits | BN | mAP50-95 | mAP50 | seconds | solve s | peak MB | layer error / RTN |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["method"] == "FP":
-            lines.append(f"| {r['model']} | FP | 32 | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | - | - | - | - |")
+            lines.append(f"| {r['model']} | FP | 32 | - | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | - | - | - | - |")
         else:
             ratio = r["error"] / r["rtn_error"] if r["rtn_error"] else float("nan")
             lines.append(
-                f"| {r['model']} | {r['method']} | {r['bits']} | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | "
+                f"| {r['model']} | {r['method']} | {r['bits']} | {r['bn']} | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | "
                 f"{r['seconds']:.1f} | {r['solve_seconds']:.1f} | {r['peak_mb']:.0f} | {ratio:.3f} |"
             )
     if notes:

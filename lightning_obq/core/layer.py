@@ -29,7 +29,7 @@ class LayerOutcome:
     ``error`` is the layer objective ``tr((W-Q) H (W-Q)^T)`` with the undamped Hessian (what the layer really
     loses), ``damped_error`` the same with the damped Hessian (what the solver minimised), ``rtn_error`` the
     undamped objective of round-to-nearest on the same grid; ``damp`` the damping used, ``seconds`` and the
-    peaks the cost. With the refinement stage (``QuantConfig.refine_sweeps > 0``, fastobq/gptq),
+    peaks the cost. With the refinement stage (fastobq/gptq: `refine_sweeps`),
     ``solve_error`` is the undamped objective of the column-parallel solve before it, ``refine_sweeps`` the
     sweeps it ran and ``refine_seconds`` its time (part of ``seconds``); without it ``solve_error == error``
     and both are 0.
@@ -94,9 +94,16 @@ def _as_batched(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tens
     return weight, hessian
 
 
+def refine_sweeps(config: QuantConfig, d_row: int) -> int:
+    """Most refinement sweeps for a layer with ``d_row`` output rows per group under ``config``."""
+    if config.method not in ("fastobq", "gptq"):
+        return 0
+    return max(config.refine_sweeps, config.single_row_refine_sweeps) if d_row == 1 else config.refine_sweeps
+
+
 def _refine(
     w: torch.Tensor, h: torch.Tensor, h_true: torch.Tensor, codes: torch.Tensor, grid: Grid, config: QuantConfig,
-    name: str,
+    name: str, sweeps: int,
 ) -> tuple[torch.Tensor, Grid, torch.Tensor, int, float, float] | None:
     """`refine_solution` on the undamped objective (dead inputs have ``H_jj = 1`` and weight 0 in ``h``, so it
     equals ``h_true``'s): the codes, grid, weights, sweeps, and the objective before and after. None, with a
@@ -105,7 +112,7 @@ def _refine(
     try:
         new_codes, new_scale, sweeps, before = refine_solution(
             w, h, codes, grid.scale, grid.zero, grid.maxq, grid.group_size, config.granularity == "tensor",
-            config.refine_sweeps)
+            sweeps)
     except HessianNotPositiveDefinite:
         log.warning("layer %r: the undamped Hessian is not positive semi-definite; refinement skipped", name)
         return None
@@ -176,9 +183,9 @@ def quantize_layer(
         rtn = dequantize_codes(solve_rtn(w, scale, zero, maxq), scale, zero)
         q = dequantize_codes(codes, scale, zero)
         sweeps, refine_seconds, refined = 0, 0.0, None
-        if config.method in ("fastobq", "gptq") and config.refine_sweeps > 0:
+        if most_sweeps := refine_sweeps(config, w.shape[1]):
             with measure(w.device, reset_peak=False) as m_refine:
-                refined = _refine(w, h, h_true, codes, grid, config, name)
+                refined = _refine(w, h, h_true, codes, grid, config, name, most_sweeps)
             refine_seconds = m_refine.seconds
         if refined is None:
             error = solve_error = layer_error(w, q, h_true)

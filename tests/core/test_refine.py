@@ -161,3 +161,27 @@ def test_report_shows_refinement_per_layer_and_in_total() -> None:
     assert d["total_solve_error"] == pytest.approx(sum(s.solve_error for s in report.layers))
     assert d["layers"][0]["refine_seconds"] == report.layers[0].refine_seconds
     assert "refinement" in report.table()
+
+
+def test_fastobq_refines_one_row_per_group_layers_by_default() -> None:
+    """Depthwise convs (one output row per group) get the single-row sweeps; other layers keep refine_sweeps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 12, 3), nn.ReLU(), nn.Conv2d(12, 12, 3, groups=12))
+    data = fashion_mnist(train=False, download=False)
+    acc = {i: HessianAccumulator(net[i], str(i)) for i in (0, 2)}
+    handles = [h for a in acc.values() for h in a.register()]
+    with torch.no_grad():
+        net(torch.stack([data[i][0] for i in range(64)]))
+    for handle in handles:
+        handle.remove()
+    depthwise, dense = (weight_matrix(net[i]).detach() for i in (2, 0))
+    result = quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3))
+    assert QuantConfig().single_row_refine_sweeps == 3 and QuantConfig(method="gptq").single_row_refine_sweeps == 0
+    assert 1 <= result.refine_sweeps <= 3 and result.error < result.solve_error
+    off = quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3, single_row_refine_sweeps=0))
+    assert off.refine_sweeps == 0 and off.error == result.solve_error
+    assert quantize_layer(dense, acc[0].hessian, QuantConfig(bits=3)).refine_sweeps == 0
+    assert quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3, method="gptq")).refine_sweeps == 0
+    assert QuantConfig().replace(method="rtn").single_row_refine_sweeps == 0
+    with pytest.raises(ValueError, match="single_row_refine_sweeps"):
+        QuantConfig(method="obq", single_row_refine_sweeps=2)

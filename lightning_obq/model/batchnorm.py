@@ -94,9 +94,15 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], forward_fn: F
 
 
 def _channel_mean(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Per-channel (dim 1) mean of a BatchNorm input in float64, and how many values each channel has."""
-    x = x.detach().double()
-    return x.mean(dim=[d for d in range(x.dim()) if d != 1]), x.numel() // x.shape[1]
+    """Per-channel (dim 1) mean of a BatchNorm input, as float64, and how many values each channel has.
+
+    The mean itself is taken in float32 or better (float32's cascaded sum is accurate to about 1e-7 of the
+    values, far below any shift worth correcting): casting a large feature map to float64 first cost 40x
+    more, once per BatchNorm per batch per pass. The float64 result keeps the averages over batches exact.
+    """
+    x = x.detach()
+    mean = x.mean(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.promote_types(x.dtype, torch.float32))
+    return mean.double(), x.numel() // x.shape[1]
 
 
 def _each_batchnorm_input(

@@ -1,7 +1,7 @@
 """The fast paths of Hessian capture and OBQ give the same results as the plain constructions.
 
 - `symmetric_update` (upper block triangle + mirror) equals a full ``beta H + alpha X X^T``.
-- The accumulator, forced onto the blocked path with a tiny block, still equals explicit unfolds.
+- The accumulator, forced onto the blocked paths with tiny blocks, still equals explicit unfolds.
 - 1x1 convs and Linear layers are captured without an im2col copy (views where the layout allows).
 - `solve_obq(outliers=True)` equals a literal greedy OBQ with OBC's outlier rule.
 """
@@ -60,12 +60,18 @@ def unfold_reference(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 2, 0, 3).reshape(g, cols.shape[1] // g, -1)
 
 
+@pytest.mark.parametrize("patch_block", [None, 1], ids=["whole_batch", "one_item_blocks"])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_blocked_accumulator_matches_explicit_hessian(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocked_accumulator_matches_explicit_hessian(name: str, patch_block: int | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both blocked paths: the symmetric update's row blocks, and patches built a few batch items at a time
+    (here one: a 1-byte `PATCH_BLOCK_BYTES`) into one reused buffer, a last batch smaller than the others."""
     monkeypatch.setattr(hessian_module, "SYMMETRIC_BLOCK", 4)  # force the blocked path on small layers
+    if patch_block is not None:
+        monkeypatch.setattr(hessian_module, "PATCH_BLOCK_BYTES", patch_block)
     torch.manual_seed(0)
     conv, shape = LAYERS[name]
-    batches = [torch.randn(shape) for _ in range(3)]
+    batches = [torch.randn(shape) for _ in range(3)] + [torch.randn(1, *shape[1:])]
     acc = HessianAccumulator(conv)
     for x in batches:
         acc.update(x)

@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                     gain = f"{mean(diffs):+.2f}" + (f" ({', '.join(f'{d:+.2f}' for d in diffs)})" if len(diffs) > 1
                                                      else "")
                 chosen = sorted({s.bits for r in reports for s in r.layers})
+                bn = [r.batchnorm.get("chosen", "-") for r in reports]
+                bn_text = bn[0] if len(set(bn)) == 1 else ", ".join(
+                    f"{m} {bn.count(m)}/{len(bn)}" for m in sorted(set(bn)))
                 rows.append([
                     method, label, fmt(bits), fmt(mean([r.quant_size_mb for r in reports]), 4),
                     f"{100 * reports[0].metrics['val_acc']:.2f}", f"{100 * mean(accs):.2f}", gain,
@@ -86,14 +89,14 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                      f"{fmt(mean([a['uniform_measured_loss'] for a in allocations]))}")
                     if allocations and all("measured_loss" in a for a in allocations) else "",
                     f"{sum(a['kept_uniform'] for a in allocations)}/{len(allocations)}" if allocations else "",
-                    fmt(mean([r.total_seconds for r in reports]), 2),
+                    bn_text, fmt(mean([r.total_seconds for r in reports]), 2),
                 ])
                 print(model_name, rows[-1], flush=True)
         table = markdown_table(
             ["method", "setting", "avg bits", "quantized MB", "FP acc %", "acc %", "vs uniform (points)",
              "top-1 agreement with FP %", "KL(FP || quantized)", "widths used", "predicted loss",
              "uniform predicted loss", "measured calib. output change (mixed / uniform)", "kept uniform",
-             "seconds"],
+             "BN chosen", "seconds"],
             rows,
         )
         intro = (f"Trained here: {info['settings']}, test accuracy {100 * info['test_acc']:.2f}% "
@@ -117,9 +120,11 @@ def main() -> None:
         intro=("Mixed precision picks each layer's width from {2, 3, 4, 6, 8} so that the predicted output "
                "loss (layer error x measured output gain) is least at the same average bits per weight as the "
                "uniform row above it; the allocation is then measured against uniform on the calibration "
-               "data (all layers quantized together, BatchNorm re-estimated) and uniform is kept if it "
-               "changes the output less "
-               "('kept uniform', out of the runs). Each setting runs once per disjoint calibration set of "
+               "data (all layers quantized together, after the same BatchNorm step as the final model) and uniform "
+               "is kept if it changes the output less ('kept uniform', out of the runs). 'BN chosen': what the "
+               "default bn_mode='auto' picked after measuring keep / correct / reestimate on held-back "
+               "calibration images (one mode, or each mode with its share of the runs). "
+               "Each setting runs once per disjoint calibration set of "
                f"{args.calib_samples} training images ({args.calib_sets} sets): numbers are means over the "
                "runs, and 'vs uniform' (test accuracy difference in points at equal size, paired by "
                "calibration set) also lists each run's value. "

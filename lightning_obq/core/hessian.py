@@ -173,48 +173,40 @@ class HessianAccumulator:
         self.samples = 0  # batch items seen
 
     def update(self, x: torch.Tensor) -> None:
-        """Add one batch of layer inputs."""
+        """Add one batch of layer inputs (conv patches block by block, `_batch_blocks`)."""
         x = x.detach()
         blocks = _batch_blocks(self.module, x)
         buffer = None  # the first block's patches, rewritten by the later (never larger) blocks
-        batch_sum: torch.Tensor | None = None  # sum of X X^T over the blocks of this batch
-        m = 0
+        columns_before = self.columns
         for block in blocks:
             raw = layer_columns(self.module, block, buffer)
             if buffer is None and len(blocks) > 1 and raw.is_contiguous() \
                     and raw.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
                 buffer = raw.view(-1)
-            cols = raw.to(self.dtype)
-            if self.position_fraction < 1.0 and cols.shape[-1] > 1:
-                keep = max(1, round(cols.shape[-1] * self.position_fraction))
-                index = torch.randperm(cols.shape[-1], generator=self._generator)[:keep].sort().values
-                cols = cols.index_select(-1, index.to(cols.device))
-            if cols.shape[-1] == 0:
-                continue
-            if len(blocks) == 1:
-                batch_sum = cols  # the common case: one fused rescale-and-add below, no extra matrix
-            else:
-                if batch_sum is None:
-                    g, d, _ = cols.shape
-                    batch_sum = torch.zeros(g, d, d, dtype=self.dtype, device=cols.device)
-                symmetric_update(batch_sum, cols, beta=1.0, alpha=1.0)
-            m += cols.shape[-1]
-        if m == 0 or batch_sum is None:
+            self._add_columns(raw.to(self.dtype))
+        if self.columns == columns_before:
             return
-        if self.hessian is None:
-            g, d = batch_sum.shape[:2]
-            self.hessian = torch.zeros(g, d, d, dtype=self.dtype, device=batch_sum.device)
-        n = self.columns
-        if len(blocks) == 1:
-            symmetric_update(self.hessian, batch_sum, beta=n / (n + m), alpha=2.0 / (n + m))
-        else:
-            self.hessian.mul_(n / (n + m)).add_(batch_sum, alpha=2.0 / (n + m))
         # A NaN or Inf input reaches H; checking the d x d Hessian is cheaper than every input of a big map.
         if not torch.isfinite(self.hessian).all():
             raise ValueError(f"layer {self.name!r}: calibration input contains NaN or Inf")
-        self.columns = n + m
         is_batched = not (isinstance(self.module, ConvNd) and x.dim() == len(self.module.kernel_size) + 1)
         self.samples += x.shape[0] if is_batched and x.dim() > 1 else 1
+
+    def _add_columns(self, cols: torch.Tensor) -> None:
+        """Fold ``[G, d_col, m]`` columns into the running mean (a seeded subset under ``position_fraction``)."""
+        if self.position_fraction < 1.0 and cols.shape[-1] > 1:
+            keep = max(1, round(cols.shape[-1] * self.position_fraction))
+            index = torch.randperm(cols.shape[-1], generator=self._generator)[:keep].sort().values
+            cols = cols.index_select(-1, index.to(cols.device))
+        m = cols.shape[-1]
+        if m == 0:
+            return
+        if self.hessian is None:
+            g, d, _ = cols.shape
+            self.hessian = torch.zeros(g, d, d, dtype=self.dtype, device=cols.device)
+        n = self.columns
+        symmetric_update(self.hessian, cols, beta=n / (n + m), alpha=2.0 / (n + m))
+        self.columns = n + m
 
     def register(self) -> list[RemovableHandle]:
         """Hook the layer so every forward adds its input (`record_layer_inputs`); remove the handles to stop."""

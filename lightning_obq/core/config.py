@@ -85,6 +85,11 @@ class QuantConfig:
         calibration: ``"one_pass"`` (all Hessians from the FP model) or ``"sequential"`` (each layer
             sees the outputs of already quantized predecessors).
         calib_samples: maximum number of calibration samples drawn from the loader.
+        forward_batch: samples per forward pass of every calibration pass (Hessians, BatchNorm, mixed
+            precision): the loader's batches are cut into pieces of at most this many, same samples, same
+            order. ``None`` (default): on CPU, pieces small enough that the largest quantized layer's output
+            stays under 16 MB (at least 8 samples), because CPU convolutions over feature maps that overflow
+            the caches run several times slower; on other devices the loader's batches.
         hessian_memory_mb: in one-pass mode, Hessians larger than this in total are captured in
             several passes over groups of layers.
         position_fraction: share of each layer's input columns (conv output positions, or tokens of a
@@ -136,6 +141,7 @@ class QuantConfig:
     obq_memory_mb: float = 1024.0
     calibration: str = "one_pass"
     calib_samples: int = 2048
+    forward_batch: int | None = None
     hessian_memory_mb: float = 4096.0
     position_fraction: float = 1.0
     include: tuple[str, ...] = ("*",)
@@ -185,6 +191,8 @@ class QuantConfig:
         _check_number("obq_memory_mb", self.obq_memory_mb, 1.0, float("inf"))
         _check_choice("calibration", self.calibration, CALIBRATION_MODES)
         _check_number("calib_samples", self.calib_samples, 1, 1 << 40, integer=True)
+        if self.forward_batch is not None:
+            _check_number("forward_batch", self.forward_batch, 1, 1 << 40, integer=True)
         _check_number("hessian_memory_mb", self.hessian_memory_mb, 1.0, float("inf"))
         _check_number("position_fraction", self.position_fraction, 0.0, 1.0)
         if self.position_fraction == 0:

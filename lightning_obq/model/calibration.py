@@ -48,18 +48,38 @@ def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return batch
 
 
-def flat_output(out: Any, detach: bool = True) -> torch.Tensor:
-    """All floating tensors of a model output, flattened and concatenated (``detach=False`` keeps the graph)."""
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (nested tuples, lists, dicts), depth first."""
     if isinstance(out, torch.Tensor):
-        if not out.is_floating_point():
-            return torch.empty(0)
-        return (out.detach() if detach else out).float().reshape(-1)
+        return [out] if out.is_floating_point() else []
     if isinstance(out, Mapping):
         out = list(out.values())
     if isinstance(out, list | tuple):
-        parts = [flat_output(o, detach) for o in out]
-        return torch.cat(parts) if parts else torch.empty(0)
-    return torch.empty(0)
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
+def flat_output(out: Any, detach: bool = True) -> torch.Tensor:
+    """All floating tensors of a model output, flattened and concatenated (``detach=False`` keeps the graph)."""
+    parts = [(t.detach() if detach else t).float().reshape(-1) for t in output_tensors(out)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def detached_output(out: Any) -> Any:
+    """A model output with every tensor detached, in float32 and on the CPU: a reference to compare with later."""
+    return _map_tensors(out, lambda t: t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu())
+
+
+def sample_squared_change(output: Any, reference: Any, samples: int) -> torch.Tensor:
+    """Squared difference of two outputs of the same batch, summed per sample (``[samples]``, float64), or as
+    one total (``[1]``) when some output tensor has no leading dimension of ``samples``."""
+    pairs = list(zip(output_tensors(output), output_tensors(reference), strict=True))
+    per_sample = all(a.dim() > 0 and a.shape[0] == samples for a, _ in pairs)
+    total = torch.zeros(samples if per_sample else 1, dtype=torch.float64)
+    for out, ref in pairs:
+        squared = (out.detach().double().cpu() - ref.double().cpu()).pow(2)
+        total += squared.reshape(samples, -1).sum(dim=1) if per_sample else squared.sum()
+    return total
 
 
 def squared_output_change(
@@ -113,6 +133,28 @@ def split_batches(batches: Sequence[Any], tail_samples: int) -> tuple[list[Any],
             tail.append(slice_batch(batch, cut - seen))
         seen += n
     return head, tail
+
+
+def _leading_sizes(batch: Any) -> set[int]:
+    sizes: set[int] = set()
+    _map_tensors(batch, lambda t: sizes.add(t.shape[0] if t.dim() > 0 else -1) or t)
+    return sizes
+
+
+def cut_batches(batches: Sequence[Any], samples: int) -> list[Any]:
+    """``batches`` with every batch of more than ``samples`` samples cut into consecutive pieces of at most
+    that many: the same samples in the same order. A batch whose tensors do not all share its batch size
+    (per-sample lists, a shared mask) is left whole, since slicing it would not split samples."""
+    if samples < 1:
+        raise ValueError(f"cannot cut batches into pieces of {samples} samples")
+    pieces: list[Any] = []
+    for batch in batches:
+        n = batch_size(batch)
+        if n <= samples or _leading_sizes(batch) != {n}:
+            pieces.append(batch)
+            continue
+        pieces.extend(slice_batch(batch, start, start + samples) for start in range(0, n, samples))
+    return pieces
 
 
 def draw_batches(calibration: Iterable[Any], max_samples: int) -> list[Any]:

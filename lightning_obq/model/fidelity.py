@@ -45,19 +45,31 @@ def class_scores(output: Any) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _paired_scores(reference_output: Any, candidate_output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = class_scores(reference_output)
+    cand = class_scores(candidate_output).to(ref.device)
+    if ref.shape != cand.shape:
+        raise ValueError(f"FP output shape {tuple(ref.shape)} differs from quantized {tuple(cand.shape)}")
+    return ref, cand
+
+
+def row_kl(reference_output: Any, candidate_output: Any) -> torch.Tensor:
+    """``KL(reference || candidate)`` of the softmax of every row (float64): the per-row terms `fidelity_terms`
+    sums, kept apart where a decision needs their spread (`lightning_obq.model.batchnorm`)."""
+    ref, cand = _paired_scores(reference_output, candidate_output)
+    p, q = F.log_softmax(ref.double(), dim=1), F.log_softmax(cand.double(), dim=1)
+    return torch.sum(p.exp() * (p - q), dim=-1)
+
+
 def fidelity_terms(reference_output: Any, candidate_output: Any) -> torch.Tensor:
     """One batch's ``[agreeing rows, rows, summed KL(reference || candidate)]`` as a float64 CPU tensor.
 
     Both outputs of the same inputs; the sums of these over batches (and processes) give
     `fidelity_from_terms`.
     """
-    ref = class_scores(reference_output)
-    cand = class_scores(candidate_output).to(ref.device)
-    if ref.shape != cand.shape:
-        raise ValueError(f"FP output shape {tuple(ref.shape)} differs from quantized {tuple(cand.shape)}")
+    ref, cand = _paired_scores(reference_output, candidate_output)
     agree = (cand.argmax(dim=1) == ref.argmax(dim=1)).sum()
-    p, q = F.log_softmax(ref.double(), dim=1), F.log_softmax(cand.double(), dim=1)
-    kl = torch.sum(p.exp() * (p - q), dim=-1).sum()
+    kl = row_kl(ref, cand).sum()
     return torch.stack([agree.double(), torch.tensor(float(ref.shape[0]), dtype=torch.float64, device=ref.device),
                         kl]).cpu()
 

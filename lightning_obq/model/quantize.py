@@ -21,10 +21,17 @@ from lightning_obq.model.batchnorm import (
     SettledBatchNorm,
     plan_batchnorm,
     settle_and_record,
+    settle_as_decided,
     settle_batchnorm,
 )
 from lightning_obq.model.calibration import ForwardFn, batch_size, draw_batches
-from lightning_obq.model.capture import capture_layers, chunks_by_memory, execution_order, find_layers
+from lightning_obq.model.capture import (
+    capture_layers,
+    chunks_by_memory,
+    execution_order,
+    find_layers,
+    forward_pieces,
+)
 from lightning_obq.model.mixed import allocate_bits, layer_size_bits, output_changes, output_gains, pinned_bits
 from lightning_obq.model.report import LayerStats, QuantReport
 from lightning_obq.model.state import module_mode, restored_on_failure
@@ -108,6 +115,7 @@ def quantize_model(
     device = next(iter(layers.values())).weight.device
     with restored_on_failure(model, "quantization failed; the model's original weights and buffers were restored"), \
             module_mode(model), measure(device, reset_peak=True) as total:
+        batches = forward_pieces(model, layers, batches, forward_fn, config.forward_batch)
         with measure(device, reset_peak=False) as bn_plan:
             plan = plan_batchnorm(model, batches, config.bn_mode, forward_fn, config.bn_holdout,
                                   config.bn_holdout_samples, batchnorm_sync)
@@ -244,9 +252,10 @@ def _allocate(
     """Per-layer bits minimising the predicted output loss within the config's budget (see `mixed`).
 
     The winner is then checked against uniform ``config.bits`` (when that fits the budget) by measuring
-    both on the sensitivity batches with all layers quantized together (after the same BatchNorm step as
-    the final model gets, ``bn_plan``); if uniform changes the model output less, uniform is kept, so a
-    budget never ends worse than uniform there. Returns the bits per layer and, when the check ran, the
+    both on the sensitivity batches with all layers quantized together, each after the BatchNorm step the
+    final model gets (``bn_plan``: under ``auto`` the mode is chosen on the allocation's weights and uniform
+    gets the same mode); if uniform changes the model output less, uniform is kept, so a budget never ends
+    worse than uniform there. Returns the bits per layer and, when the check ran, the
     BatchNorm step it settled for the winner (the final model has the same weights: no second settle).
     """
     sensitivity_batches = draw_batches(batches, config.sensitivity_samples)
@@ -282,11 +291,15 @@ def _allocate(
     measured: dict[str, float] = {}
     kept_uniform = False
     settled: list[SettledBatchNorm] = []  # one per assignment measured, in order
+
+    def settle() -> None:  # `auto` decides on the allocation; uniform gets the mode it chose
+        settled.append(settle_as_decided(model, bn_plan, settled[0].decision, forward_fn) if settled
+                       else settle_and_record(model, bn_plan, forward_fn))
+
     if uniform is not None and uniform != chosen and sum(sizes[n][b] for n, b in uniform.items()) <= budget_bits:
         mixed_change, uniform_change = output_changes(
             model, layers, [{n: _shaped(layers[n], candidates[n][b]) for n, b in c.items()} for c in (chosen, uniform)],
-            sensitivity_batches, forward_fn,
-            settle=lambda: settled.append(settle_and_record(model, bn_plan, forward_fn)),
+            sensitivity_batches, forward_fn, settle=settle,
         )
         measured = {"measured_loss": mixed_change, "uniform_measured_loss": uniform_change}
         if uniform_change < mixed_change:

@@ -218,7 +218,7 @@ def test_include_exclude_and_dfl(tiny_yaml, det_data):
     bn = report.batchnorm
     assert bn["mode"] == "auto" and bn["metric"] == "output_mse" and set(bn["candidates"]) == {"keep", "correct",
                                                                                                   "reestimate"}
-    assert bn["candidates"][bn["chosen"]]["output_mse"] == min(c["output_mse"] for c in bn["candidates"].values())
+    assert bn["candidates"][bn["chosen"]]["output_mse"] <= bn["candidates"]["keep"]["output_mse"]
     kept = YOLO(str(tiny_yaml))
     kept.model.load_state_dict(before)
     kept, _ = quantize_yolo(kept, data=det_data, bits=4, method="rtn", imgsz=IMGSZ, calib_images=8,

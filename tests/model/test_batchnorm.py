@@ -195,3 +195,16 @@ def test_hessians_captured_once_give_the_same_model_as_a_full_run() -> None:
         quantize_model(copy.deepcopy(fp), data, config, hessians={k: v for k, v in hessians.items() if k != "8"})
     with pytest.raises(ValueError, match="calibration='one_pass'"):
         quantize_model(copy.deepcopy(fp), data, config.replace(calibration="sequential"), hessians=hessians)
+
+
+def test_a_candidate_must_win_by_more_than_the_noise_of_the_held_back_samples() -> None:
+    from lightning_obq.model.batchnorm import _significantly_better
+
+    g = torch.Generator().manual_seed(0)
+    best = torch.rand(64, generator=g, dtype=torch.float64)
+    noisy = best + 0.3 * torch.randn(64, generator=g, dtype=torch.float64)
+    noisy -= noisy.mean() - best.mean() + 0.01  # lower on average, far within its spread
+    assert noisy.mean() < best.mean() and not _significantly_better(best, noisy, None, torch.device("cpu"))
+    assert _significantly_better(best, best * 0.9, None, torch.device("cpu"))  # lower on every sample
+    assert not _significantly_better(best[:1], best[:1] * 0.5, None, torch.device("cpu"))  # one sample: no spread
+    assert not _significantly_better(best, best, None, torch.device("cpu"))

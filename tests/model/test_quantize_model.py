@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_obq import QuantConfig, quantize_model
 from lightning_obq.core.grid import dequantize_codes
 from lightning_obq.model.batchnorm import reestimate_batchnorm
+from lightning_obq.model.calibration import batch_size, cut_batches
+from lightning_obq.model.capture import forward_pieces
 
 
 def small_cnn() -> nn.Module:
@@ -271,3 +273,37 @@ def test_pins_apply_to_uniform_runs_and_a_pattern_must_match_a_layer() -> None:
     assert report.results["6"].bits == 8 and int(report.results["6"].codes.max()) > 7
     with pytest.raises(ValueError, match=r"QuantConfig.pin pattern '\*_depthwise_conv' matches no layer"):
         quantize_model(small_cnn(), [x], QuantConfig(bits=4, pin={"*_depthwise_conv": 8}, progress=False))
+
+
+def test_cut_batches_keeps_every_sample_in_order() -> None:
+    x, y = images(20), torch.arange(20)
+    pieces = cut_batches([(x, y), {"image": x[:6], "label": y[:6]}], 8)
+    assert [batch_size(p) for p in pieces] == [8, 8, 4, 6]
+    assert torch.equal(torch.cat([p[1] for p in pieces[:3]]), y)
+    assert torch.equal(pieces[2][0], x[16:])
+    mask = torch.ones(3)  # shared by every sample: slicing it would not split samples
+    assert cut_batches([(x, mask)], 8) == [(x, mask)]
+    with pytest.raises(ValueError, match="pieces of 0"):
+        cut_batches([x], 0)
+
+
+def test_forward_batch_pieces_give_the_same_quantized_model() -> None:
+    x = images(48)
+    whole, pieces = small_cnn(), small_cnn()
+    config = QuantConfig(bits=4, bn_mode="keep", progress=False)  # Hessians are sums over samples: same
+    quantize_model(whole, [x], config.replace(forward_batch=48))
+    quantize_model(pieces, [x], config.replace(forward_batch=5))
+    for a, b in zip(whole.state_dict().values(), pieces.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    with pytest.raises(ValueError, match="forward_batch"):
+        QuantConfig(forward_batch=0)
+
+
+def test_cpu_pieces_are_sized_by_the_largest_layer_output() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1)).eval()
+    layers = {"0": model[0], "2": model[2]}
+    big = torch.randn(32, 3, 128, 128)  # conv 0 writes 4 MB per sample: 16 MB / 4 MB is under the floor of 8
+    assert [batch_size(b) for b in forward_pieces(model, layers, [big], None, None)] == [8, 8, 8, 8]
+    small = torch.randn(32, 3, 16, 16)  # 64 KB per sample: the loader's batch fits
+    assert forward_pieces(model, layers, [small], None, None) == [small]
+    assert [batch_size(b) for b in forward_pieces(model, layers, [small], None, 12)] == [12, 12, 8]

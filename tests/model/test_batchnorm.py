@@ -208,3 +208,25 @@ def test_a_candidate_must_win_by_more_than_the_noise_of_the_held_back_samples() 
     assert _significantly_better(best, best * 0.9, None, torch.device("cpu"))  # lower on every sample
     assert not _significantly_better(best[:1], best[:1] * 0.5, None, torch.device("cpu"))  # one sample: no spread
     assert not _significantly_better(best, best, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("chosen", ["correct", "reestimate"])
+def test_settle_as_decided_applies_the_chosen_mode_without_measuring(chosen: str) -> None:
+    from lightning_obq.model.batchnorm import batchnorm_layers, correct_batchnorm, plan_batchnorm, settle_as_decided
+
+    model, data = _quantization_rescales_channels()
+    forced = copy.deepcopy(model)
+    plan = plan_batchnorm(model, data, "auto")
+    with torch.no_grad():
+        for m in (model, forced):
+            m[0].weight.mul_(1.1)  # some change of the weights that moves the statistics
+    decision = {"mode": "auto", "chosen": chosen, "layers": 2, "candidates": {}}
+    settled = settle_as_decided(model, plan, decision)
+    assert settled.decision["chosen"] == chosen and "applied as is" in settled.decision["note"]
+    if chosen == "reestimate":
+        reestimate_batchnorm(forced, plan.fit)
+    else:
+        correct_batchnorm(forced, plan.fit, plan.fp_means)
+    for ours, theirs in zip(batchnorm_layers(model), batchnorm_layers(forced), strict=True):
+        assert torch.allclose(ours.running_mean, theirs.running_mean)
+        assert torch.allclose(ours.running_var, theirs.running_var)

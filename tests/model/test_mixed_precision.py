@@ -265,3 +265,40 @@ def test_budgeted_batchnorm_step_equals_a_fresh_settle_of_the_final_weights() ->
     for ours, theirs in zip(batchnorm_layers(model), batchnorm_layers(fresh), strict=True):
         assert torch.allclose(ours.running_mean, theirs.running_mean) and torch.allclose(ours.running_var,
                                                                                          theirs.running_var)
+
+
+class CancellingBranchesWithBatchNorm(CancellingBranches):
+    """`CancellingBranches` followed by a BatchNorm (its statistics: re-estimate them on the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(super().forward(x))
+
+
+def test_kept_uniform_gets_the_batchnorm_mode_chosen_on_the_allocation() -> None:
+    import copy
+    import dataclasses
+
+    from lightning_obq.model.batchnorm import plan_batchnorm, reestimate_batchnorm, settle_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    batches = list(torch.randn(128, 16, generator=g).split(32))
+    model = CancellingBranchesWithBatchNorm()
+    reestimate_batchnorm(model, batches)  # exact for the FP model: quantizing `c` shifts them
+    model.eval()
+    fresh = copy.deepcopy(model)
+    config = QuantConfig(bits=4, budget=4.0, progress=False)
+    report = quantize_model(model, batches, config)
+    bn = report.batchnorm
+    assert report.allocation["kept_uniform"] and bn["mode"] == "auto" and "candidates" in bn
+    assert "allocation's weights" in bn["note"]
+    # the final BatchNorm is that mode applied to the final (uniform) weights, from the trained statistics
+    plan = plan_batchnorm(fresh, batches, "auto", holdout=config.bn_holdout, holdout_samples=config.bn_holdout_samples)
+    for name in ("a", "b", "c"):
+        fresh.get_submodule(name).weight.data.copy_(model.get_submodule(name).weight)
+    settle_batchnorm(fresh, dataclasses.replace(plan, mode=bn["chosen"]))
+    assert torch.allclose(model.bn.running_mean, fresh.bn.running_mean)
+    assert torch.allclose(model.bn.running_var, fresh.bn.running_var)

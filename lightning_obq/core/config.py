@@ -106,8 +106,9 @@ class QuantConfig:
             mean by the change of that BatchNorm's input mean that quantization caused on the calibration
             data (empirical bias correction); ``"auto"`` (default) holds back part of the calibration
             data, tries every other mode and keeps the one whose outputs are closest to the FP model's on
-            the held-back samples (see `lightning_obq.model.batchnorm`), so it can never do worse there than
-            ``"keep"``. A model without BatchNorm does no extra work.
+            the held-back samples, when it wins by more than the measurement's noise (2 standard errors of
+            the per-sample improvement; see `lightning_obq.model.batchnorm`), so it can never do worse there
+            than ``"keep"``. A model without BatchNorm does no extra work.
         reestimate_bn: the older spelling: ``True`` means ``bn_mode="reestimate"``, ``False`` ``"keep"``.
         bn_holdout: share of the calibration samples ``bn_mode="auto"`` holds back to measure the candidates
             (at most ``bn_holdout_samples`` of them); the candidates are fitted on the rest.

@@ -24,7 +24,8 @@ How it works with Ultralytics:
   come from its mosaic-augmented training distribution, and re-estimating them on a few hundred
   letterboxed calibration images can cost more mAP than quantization itself, so the candidates (keep,
   bias-correct, re-estimate) are measured on held-back calibration images by the mean squared change of
-  the detection head's outputs against the FP model, and the closest wins (`lightning_obq.model.batchnorm`).
+  the detection head's outputs against the FP model, and the closest wins if it beats the trained statistics
+  by more than the noise of those images (`lightning_obq.model.batchnorm`).
   ``bn_mode="keep"`` or ``"reestimate"`` force one.
 - ``YOLO.val`` and ``YOLO.predict`` fuse the model they run (Ultralytics releases before 8.4 did so in
   place), so every evaluation here runs on a deep copy: the FP model is measured before quantization

@@ -130,7 +130,7 @@ def forward_pieces(
     """The calibration batches cut into the pieces every calibration pass runs (`QuantConfig.forward_batch`).
 
     ``None`` sizes the pieces on CPU so that the largest output of a quantized layer stays under `PIECE_BYTES`
-    (at least `MIN_PIECE_SAMPLES` samples), measured on one sample of the first batch: CPU convolutions over
+    (at least `MIN_PIECE_SAMPLES` samples), measured on that many samples of the first batch: CPU convolutions over
     feature maps that overflow the caches run several times slower (EfficientNet-Lite2 at 260 px: a forward
     pass over 64 crops takes 13 s in batches of 32 and 5 s in pieces of 8). Other devices keep the loader's
     batches, which is what they run fastest.
@@ -145,12 +145,12 @@ def forward_pieces(
                 largest[0] = max(largest[0], output.numel() * output.element_size())
 
         handles = [m.register_forward_hook(record) for m in layers.values()]
-        try:
-            run_batches(model, [slice_batch(batches[0], 0, 1)], forward_fn)
+        try:  # a piece of the smallest size, not one sample: some models only run on batches of several
+            run_batches(model, [slice_batch(batches[0], 0, MIN_PIECE_SAMPLES)], forward_fn)
         finally:
             for h in handles:
                 h.remove()
-        forward_batch = max(MIN_PIECE_SAMPLES, PIECE_BYTES // largest[0])
+        forward_batch = max(MIN_PIECE_SAMPLES, PIECE_BYTES * MIN_PIECE_SAMPLES // largest[0])
     return cut_batches(batches, forward_batch)
 
 

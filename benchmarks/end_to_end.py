@@ -44,8 +44,9 @@ from common import (
 )
 from layers import obq_estimate
 
-from lightning_obq import QuantConfig, kernels, quantize_layer, quantize_model
-from lightning_obq import hessian as hessian_module
+from lightning_obq import QuantConfig, quantize_layer, quantize_model
+from lightning_obq.core import hessian as hessian_module
+from lightning_obq.core import kernels
 from lightning_obq.core.hessian import HessianAccumulator, layer_columns, weight_matrix
 from lightning_obq.core.layer import LayerResult
 from lightning_obq.core.measure import measure

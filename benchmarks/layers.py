@@ -44,7 +44,8 @@ from common import (
 )
 
 import lightning_obq.core.layer as layer_module
-from lightning_obq import QuantConfig, kernels, quantize_layer
+from lightning_obq import QuantConfig, quantize_layer
+from lightning_obq.core import kernels
 from lightning_obq.core.config import DEFAULT_ORDER
 from lightning_obq.core.hessian import HessianAccumulator, damp_hessian, weight_matrix
 from lightning_obq.core.layer import LayerResult, layer_error

@@ -32,6 +32,13 @@ def calibration_batches(loader: DataLoader, args: argparse.Namespace, progress: 
     return tqdm(loader, total=steps, desc="calibration", disable=not progress, leave=False)
 
 
+def add_refine_sweeps(p: argparse.ArgumentParser) -> None:
+    """``--refine-sweeps``, for every command that quantizes (`QuantConfig.refine_sweeps`)."""
+    p.add_argument("--refine-sweeps", type=int, default=None, metavar="N",
+                   help="refinement sweeps after the column solve of fastobq and gptq (default: the method's own, "
+                        "fastobq 1, gptq 0; 0 turns it off, 3 lowers the layer error further)")
+
+
 def int_list(text: str, flag: str) -> list[int]:
     if not text.strip():
         return []

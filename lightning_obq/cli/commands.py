@@ -23,7 +23,7 @@ from lightning_obq.cli.jobs import (
 )
 from lightning_obq.cli.outputs import write_outputs
 from lightning_obq.cli.user_models import base_config, prepare
-from lightning_obq.core.config import METHODS
+from lightning_obq.core.config import METHODS, REFINING_METHODS
 from lightning_obq.core.measure import machine_info
 from lightning_obq.model.report import QuantReport
 
@@ -31,16 +31,18 @@ from lightning_obq.model.report import QuantReport
 def run_quantize(args: argparse.Namespace) -> int:
     """``lightning-obq quantize``: one method at one bit width, optional packed artifact."""
     progress = progress_wanted(args)
-    if args.order is not None and args.method not in ("fastobq", "gptq"):
-        raise CLIError(f"--order applies to fastobq and gptq, not {args.method}")
+    for flag, value in (("--order", args.order), ("--refine-sweeps", args.refine_sweeps)):
+        if value is not None and args.method not in REFINING_METHODS:
+            raise CLIError(f"{flag} applies to fastobq and gptq, not {args.method}")
     output = Path(args.output).expanduser() if args.output else None
     if output is not None and output.is_dir():
         raise CLIError(f"--output {output} is a folder; give a file name such as {output / 'model.safetensors'}")
     module, net, what, calib_loader, eval_loader, data_desc = prepare(args)
-    config = base_config(args, progress, module, net).replace(bits=args.bits, method=args.method, order=args.order)
+    config = base_config(args, progress, module, net).replace(bits=args.bits, method=args.method, order=args.order,
+                                                              refine_sweeps=args.refine_sweeps)
     print(f"quantizing {what} to W{args.bits} with {config.method}"
           + (f" ({config.order})" if config.order else "") + f"; {data_desc}")
-    job = Job(config.method, config.bits, config.order if config.method in ("fastobq", "gptq") else None)
+    job = Job(config.method, config.bits, config.order if config.method in REFINING_METHODS else None)
     calibration = calibration_batches(calib_loader, args, progress)
     report = quantize_and_evaluate(module, config, calibration, eval_loader, progress)
     row = job_row(job, "run", report)
@@ -84,7 +86,7 @@ def run_compare(args: argparse.Namespace) -> int:
     base = base_config(args, progress, module, net)
     obq_limit = None if args.obq_max_seconds <= 0 else args.obq_max_seconds
     rows, reports, fp = run_jobs(module, jobs, base, lambda: calibration_batches(calib_loader, args, progress),
-                                 eval_loader, progress, obq_limit)
+                                 eval_loader, progress, obq_limit, refine_sweeps=args.refine_sweeps)
     metric = task_metric(fp)
     print()
     print(format_table(rows, fp.get(metric) if metric else None))

@@ -43,7 +43,8 @@ def run_default(args: argparse.Namespace) -> int:
     print(f"step 2/3: quantize ({len(jobs)} runs: W{args.bits} table + bits sweep {sweep}) with OBQCallback, "
           f"{args.calib_samples} calibration images, {len(dm.val_set)} test images")
     rows, reports, fp = run_jobs(module, jobs, base, lambda: calibration_batches(calib_loader, args, progress),
-                                 evaluation, progress, None if args.no_obq else args.obq_max_seconds)
+                                 evaluation, progress, None if args.no_obq else args.obq_max_seconds,
+                                 refine_sweeps=args.refine_sweeps)
     main = [r for r in rows if r["bits"] == args.bits]
     fp_acc = fp.get("val_acc")
     print(f"\nW{args.bits} on Fashion-MNIST test ({len(dm.val_set)} images), {args.calib_samples} calibration images:")

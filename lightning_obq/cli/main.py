@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_obq.cli.arguments import add_refine_sweeps
 from lightning_obq.cli.commands import run_compare, run_quantize
 from lightning_obq.cli.demo import run_default
 from lightning_obq.cli.errors import DEFAULT_OUTPUT, EXIT_USAGE, CLIError
@@ -41,6 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-mode", default="auto", choices=list(BN_MODES),
                    help="BatchNorm statistics after quantizing (default auto: keep, correct or re-estimate, "
                         "whichever measures closest to the FP model on held-back calibration images)")
+    add_refine_sweeps(p)
     p.add_argument("--no-wandb", action="store_true", help="do not write the offline W&B run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is much faster when other jobs share the CPU")

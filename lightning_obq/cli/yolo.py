@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning_obq.cli.arguments import add_refine_sweeps
 from lightning_obq.core.config import BN_MODES, METHODS
 
 
@@ -33,6 +34,7 @@ def add_yolo_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", default=[], help="layer name patterns to skip")
     p.add_argument("--quantize-dfl", action="store_true", help="also quantize the fixed DFL conv")
     p.add_argument("--damp", type=float, default=None, help="Hessian damping (default: the config's)")
+    add_refine_sweeps(p)
     p.add_argument("--bn-mode", default="auto", choices=list(BN_MODES),
                    help="BatchNorm statistics after quantizing (default auto: measured on held-back images)")
     p.add_argument("--device", default=None,
@@ -54,6 +56,8 @@ def run_yolo(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.damp is not None:
         extra["damp"] = args.damp
+    if args.refine_sweeps is not None:
+        extra["refine_sweeps"] = args.refine_sweeps
     yolo, report = quantize_yolo(
         args.model, data=args.data, bits=args.bits, method=args.method, calib_images=args.calib_images,
         imgsz=args.imgsz, batch=args.batch, include=tuple(args.include), exclude=tuple(args.exclude),

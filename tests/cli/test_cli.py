@@ -89,6 +89,8 @@ def test_unreadable_checkpoint_and_bad_options(capsys, tmp_path, resnet18_file):
     assert "--budget must be" in _error(capsys, ["compare", "--model", "resnet18", "--budget", "9"])
     err = _error(capsys, ["quantize", "--model", "resnet18", "--method", "rtn", "--order", "act"])
     assert "--order applies to fastobq and gptq" in err
+    err = _error(capsys, ["quantize", "--model", "resnet18", "--method", "obq", "--refine-sweeps", "2"])
+    assert "--refine-sweeps applies to fastobq and gptq" in err
 
 
 def test_console_entry_point_exit_status(tmp_path):
@@ -204,6 +206,25 @@ def test_compare_builtin_data(capsys, tmp_path, cache):
     assert [(r["method"], r["bits"]) for r in rows] == [("fastobq", 3), ("rtn", 3), ("fastobq", 8), ("rtn", 8)]
     err = {(r["method"], r["bits"]): r["error"] for r in rows}
     assert err[("fastobq", 3)] < err[("rtn", 3)] and err[("fastobq", 8)] < err[("fastobq", 3)]
+
+
+def test_refine_sweeps_reach_the_refining_methods_and_the_table(capsys, tmp_path, cache):
+    """``--refine-sweeps`` sets the sweeps of fastobq and gptq in one comparison that also runs rtn; the table
+    shows what the stage changed. By default only fastobq refines."""
+    rows = _compare_small_cnn(tmp_path, "--bits", "3", "--methods", "fastobq,gptq,rtn", "--refine-sweeps", "2")
+    printed = capsys.readouterr().out
+    reports = json.loads((tmp_path / "cmp" / "report.json").read_text())["reports"]
+    sweeps = {r["method"]: max(s["refine_sweeps"] for s in reports[r["key"]]["layers"]) for r in rows}
+    assert 1 <= sweeps["fastobq"] <= 2 and 1 <= sweeps["gptq"] <= 2 and sweeps["rtn"] == 0
+    for r in rows:
+        if r["method"] != "rtn":
+            assert r["refine_seconds"] > 0 and r["error"] < r["solve_error"]
+            assert f"{100 * (r['error'] / r['solve_error'] - 1):+.1f}%" in printed
+    assert "refined: change of the summed layer error" in printed
+    default = _compare_small_cnn(tmp_path, "--bits", "3", "--methods", "fastobq,gptq")
+    reports = json.loads((tmp_path / "cmp" / "report.json").read_text())["reports"]
+    assert {r["method"]: max(s["refine_sweeps"] for s in reports[r["key"]]["layers"]) for r in default} == {
+        "fastobq": 1, "gptq": 0}
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def test_layer_result_reports_before_and_after_and_respects_the_switch() -> None
     assert off.refine_sweeps == 0 and off.refine_seconds == 0.0
     assert torch.all(on.weight[:, :, 5] == 0)
     assert torch.equal(on.weight, dequantize_codes(on.codes.float(), on.scale, on.zero))
-    assert QuantConfig(method="gptq").refine_sweeps == 0 and QuantConfig().refine_sweeps == 0
+    assert QuantConfig(method="gptq").refine_sweeps == 0 and QuantConfig().refine_sweeps == 1
     assert QuantConfig().replace(method="obq").refine_sweeps == 0
     with pytest.raises(ValueError, match="refine_sweeps"):
         QuantConfig(method="rtn", refine_sweeps=2)
@@ -178,9 +178,11 @@ def test_fastobq_refines_one_row_per_group_layers_by_default() -> None:
     result = quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3))
     assert QuantConfig().single_row_refine_sweeps == 3 and QuantConfig(method="gptq").single_row_refine_sweeps == 0
     assert 1 <= result.refine_sweeps <= 3 and result.error < result.solve_error
-    off = quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3, single_row_refine_sweeps=0))
+    one = quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3, single_row_refine_sweeps=0))
+    assert one.refine_sweeps == 1 and one.solve_error == result.solve_error  # the larger of the two fields
+    off = quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3, refine_sweeps=0, single_row_refine_sweeps=0))
     assert off.refine_sweeps == 0 and off.error == result.solve_error
-    assert quantize_layer(dense, acc[0].hessian, QuantConfig(bits=3)).refine_sweeps == 0
+    assert quantize_layer(dense, acc[0].hessian, QuantConfig(bits=3)).refine_sweeps == 1  # refine_sweeps' default
     assert quantize_layer(depthwise, acc[2].hessian, QuantConfig(bits=3, method="gptq")).refine_sweeps == 0
     assert QuantConfig().replace(method="rtn").single_row_refine_sweeps == 0
     with pytest.raises(ValueError, match="single_row_refine_sweeps"):

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     intro = "\n".join([
         f"Calibration data: {note} (no real ImageNet here; random-init models with BatchNorm statistics "
         "estimated on these images). W4, per-channel asymmetric grids with MSE range search, damp 0.1: the "
-        "`QuantConfig` defaults, one-pass calibration, BN re-estimation on. Times are `QuantReport` fields of "
+        "`QuantConfig` defaults, one-pass calibration, `bn_mode=\"auto\"`, fastobq with its one refinement "
+        "sweep. Times are `QuantReport` fields of "
         "one `quantize_model` run per method; peak RSS is the whole process (model, images, FP backup of the "
         "weights and all Hessians included). The solvers' compiled kernels were loaded before the first timed "
         f"run ({kernel_seconds:.2f} s, once per process), so no method carries that one-time cost.",

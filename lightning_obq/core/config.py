@@ -80,7 +80,7 @@ class QuantConfig:
         block_size: columns per lazy block update in fastobq/gptq (speed only: results differ by float rounding).
             The default is the fastest size on this project's CPU benchmarks (GPTQ's reference uses 128 on GPUs).
         refine_sweeps: most sweeps of the refinement stage after the column-parallel solve of fastobq/gptq
-            (block coordinate descent over the columns on the undamped layer objective, then a closed-form
+            (block coordinate descent over the columns on the solve's damped layer objective, then a closed-form
             refit of the scales; `refine.refine_solution`); sweeps stop early once one gains under 0.1 %.
             ``None`` picks the method's default: 1 for fastobq, 0 (off) for gptq (`DEFAULT_REFINE_SWEEPS`);
             0 turns it off, 3 lowers the error further at up to 2x gptq's solve time.

@@ -21,10 +21,10 @@ REFINE_BLOCK = 32
 next to each other) move together; the error depends little on the exact size."""
 
 REFINE_DAMP = 1e-3
-"""Damping of the blocks that `refine_codes` factors, relative to the mean of ``diag(H)``. The block solve only
-proposes codes (every step is accepted or refused on the undamped objective), so it needs just enough damping
-for a Cholesky factor: with the solvers' 0.1 its targets stay near the damped solution, which on rank-deficient
-layers (a stem conv) leaves most of the possible gain unused."""
+"""Extra damping of the blocks that `refine_codes` factors, relative to the mean of ``diag(H)``. The block solve
+only proposes codes (every step is accepted or refused on the objective of the ``H`` given), so it needs just
+enough for a Cholesky factor where ``H`` itself is singular; `quantize_layer` passes the damped Hessian of the
+solve, which is positive definite already."""
 
 REFINE_LAZY_BLOCKS = 8
 """Blocks whose changes reach the residual product ``R`` together, in one rank-``8 * REFINE_BLOCK`` update: a

@@ -269,7 +269,8 @@ def _allocate(
                for n in names]
     sizes = {n: {b: layer_size_bits(layers[n].weight.numel(), candidates[n][b].scale.numel(), b) for b in opts}
              for n, opts in zip(names, options, strict=True)}
-    losses = {n: {b: gains[n] * candidates[n][b].error for b in opts} for n, opts in zip(names, options, strict=True)}
+    losses = {n: {b: gains[n] * candidates[n][b].damped_error for b in opts}
+              for n, opts in zip(names, options, strict=True)}
     numel = sum(layers[n].weight.numel() for n in names)
     scales_bits = sum(layer_size_bits(0, candidates[n][options[i][0]].scale.numel(), 0) for i, n in enumerate(names))
     if config.budget is not None:

@@ -87,6 +87,19 @@ def test_budget_is_respected_and_mixed_beats_uniform(budget: float) -> None:
         assert r.bits == chosen[name] and int(r.codes.max()) < 2**r.bits
 
 
+def test_predicted_loss_uses_the_damped_layer_error() -> None:
+    """A layer's predicted loss is its gain times the damped objective the solve minimised, not the undamped
+    one: on a head fed fewer samples than inputs the undamped error is near zero in the calibration samples'
+    span whatever the width, and it would get the fewest bits for that."""
+    model = uneven_model()
+    report = quantize_model(model, calibration(), QuantConfig(bits=4, budget=4.0, progress=False))
+    stats = {s.name: s for s in report.layers}
+    head = stats["head"]
+    assert head.damped_error > 2 * head.error  # 64 samples, 16 inputs of small scale: the damping dominates
+    for name, entry in report.allocation["layers"].items():
+        assert entry["predicted_loss"] == pytest.approx(entry["gain"] * stats[name].damped_error, rel=1e-9)
+
+
 def test_pins_are_honoured_and_count_in_the_budget() -> None:
     model = uneven_model()
     config = QuantConfig(bits=4, budget=5.5, pin={"loud": 8, "head": 8}, progress=False)

@@ -22,12 +22,11 @@ DEFAULT_ORDER = {"fastobq": "sensi_dyn", "gptq": "none", "obq": None, "rtn": Non
 REFINING_METHODS = ("fastobq", "gptq")
 """The methods with a refinement stage after their column-parallel solve (`refine_sweeps`)."""
 DEFAULT_REFINE_SWEEPS = {"fastobq": 1, "gptq": 0, "obq": 0, "rtn": 0}
-"""fastobq refines every layer with one sweep by default: a sweep never raises the layer error, costs 1.2-1.5x
-gptq's solve on resnet18's layers with ``d_col >= 576`` (a few per cent of a whole `quantize_model` call), and on
-the paper CNN at W2 lifts accuracy from 90.46 to 90.97 % (exact OBQ 90.53 %) and on MTCNN's ONet at W4 brings the
-output error from 1.12x to 0.93x gptq's (`benchmarks/results/layers.md`, `paper_tables.md`, `pretrained.md`).
-More sweeps lower the error further (``refine_sweeps=3``) at up to 2x gptq's time. gptq stays the reference
-algorithm unless asked."""
+"""fastobq refines every layer with one sweep by default: a sweep never raises the layer objective, puts fastobq's
+layer error below gptq act order's on every resnet18 shape at 1.36-1.54x gptq's time on the large ones, and on
+the paper CNN lifts W2 accuracy above exact OBQ's (`benchmarks/results/layers.md`, `paper_tables.md`). More
+sweeps lower the error further (``refine_sweeps=3``) at up to 2x gptq's time. gptq stays the reference algorithm
+unless asked."""
 DEFAULT_SINGLE_ROW_REFINE_SWEEPS = {"fastobq": 3, "gptq": 0, "obq": 0, "rtn": 0}
 """fastobq refines the layers with one output row per group (depthwise convs) by default: the shared column order
 has no rows to share there, a sweep over at most 25 columns costs next to nothing, and on EfficientNet-Lite1's

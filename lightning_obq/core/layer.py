@@ -198,11 +198,11 @@ def quantize_layer(
             error = solve_error = layer_error(w, q, h_true)
         else:
             new_codes, new_grid, new_q, sweeps, damped_before, damped_after = refined
-            solve_error = damped_before - _damping_term(w, q, extra)
+            solve_error = max(0.0, damped_before - _damping_term(w, q, extra))  # >= 0 whatever the rounding
             if damped_after <= damped_before:  # monotone by construction; this keeps the better one regardless
                 codes, grid, q = new_codes, new_grid, new_q
                 scale, zero = grid.column_params(w.shape[-1])
-                error = damped_after - _damping_term(w, q, extra)
+                error = max(0.0, damped_after - _damping_term(w, q, extra))
             else:
                 error = solve_error
         damped_error = error + _damping_term(w, q, extra)

@@ -23,7 +23,7 @@ from lightning_obq.cli.jobs import (
 )
 from lightning_obq.cli.outputs import write_outputs
 from lightning_obq.cli.user_models import base_config, prepare
-from lightning_obq.core.config import METHODS, REFINING_METHODS
+from lightning_obq.core.config import COLUMN_PARALLEL_METHODS, METHODS, REFINING_METHODS
 from lightning_obq.core.measure import machine_info
 from lightning_obq.model.report import QuantReport
 
@@ -42,7 +42,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                                                               refine_sweeps=args.refine_sweeps)
     print(f"quantizing {what} to W{args.bits} with {config.method}"
           + (f" ({config.order})" if config.order else "") + f"; {data_desc}")
-    job = Job(config.method, config.bits, config.order if config.method in REFINING_METHODS else None)
+    job = Job(config.method, config.bits, config.order if config.method in COLUMN_PARALLEL_METHODS else None)
     calibration = calibration_batches(calib_loader, args, progress)
     report = quantize_and_evaluate(module, config, calibration, eval_loader, progress)
     row = job_row(job, "run", report)

@@ -19,7 +19,9 @@ CALIBRATION_MODES = ("one_pass", "sequential")
 BN_MODES = ("auto", "keep", "reestimate", "correct")
 GAIN_METHODS = ("auto", "exact", "linear")
 DEFAULT_ORDER = {"fastobq": "sensi_dyn", "gptq": "none", "obq": None, "rtn": None}
-REFINING_METHODS = ("fastobq", "gptq")
+COLUMN_PARALLEL_METHODS = ("fastobq", "gptq")
+"""The methods that quantize one column of all rows at a time with a shared update: they take an ``order``."""
+REFINING_METHODS = COLUMN_PARALLEL_METHODS
 """The methods with a refinement stage after their column-parallel solve (`refine_sweeps`)."""
 DEFAULT_REFINE_SWEEPS = {"fastobq": 1, "gptq": 0, "obq": 0, "rtn": 0}
 """fastobq refines every layer with one sweep by default: a sweep never raises the layer objective, puts fastobq's

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_obq.core.config import QuantConfig
+from lightning_obq.core.config import COLUMN_PARALLEL_METHODS, QuantConfig
 from lightning_obq.core.grid import Grid, dequantize_codes, find_grid
 from lightning_obq.core.hessian import damp_hessian
 from lightning_obq.core.measure import measure
@@ -165,7 +165,7 @@ def quantize_layer(
             hd = damp_hessian(h, damp, config.damp_mode)
             try:
                 perm = None
-                if config.method in ("fastobq", "gptq"):
+                if config.method in COLUMN_PARALLEL_METHODS:
                     codes, perm = solve_column_parallel(w, hd, scale, zero, maxq, config.order,
                                                         config.block_size, hessian_for_order=h)
                 elif config.method == "obq":

@@ -43,6 +43,7 @@ from lightning_obq.model.calibration import (
     detached_output,
     model_device,
     output_tensors,
+    removed_after,
     run_batches,
     sample_squared_change,
     split_batches,
@@ -131,14 +132,10 @@ def _each_batchnorm_input(
             visit(index, current[0], module, inputs[0])
         return call
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(batchnorm_layers(model))]
-    try:
+    with removed_after([m.register_forward_pre_hook(hook(i)) for i, m in enumerate(batchnorm_layers(model))]):
         for i, batch in enumerate(batches):
             current[0] = i
             run_batches(model, [batch], forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def batch_input_means(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn | None = None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -207,6 +208,18 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise TypeError(
         f"cannot feed a calibration batch of type {type(batch).__name__} to the model: pass forward_fn"
     )
+
+
+@contextmanager
+def removed_after(handles: Iterable[Any]) -> Iterator[None]:
+    """Removes the hooks ``handles`` (torch ``RemovableHandle``) when the block ends, however it ends: a failed
+    calibration pass never leaves hooks on the user's model."""
+    handles = list(handles)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -21,6 +21,7 @@ from lightning_obq.model.calibration import (
     cut_batches,
     draw_batches,
     model_device,
+    removed_after,
     run_batches,
     slice_batch,
 )
@@ -89,14 +90,10 @@ def capture_layers(
 
         return on_input
 
-    handles = [h for name, m in layers.items() for h in record_layer_inputs(m, make_hook(name))]
-    try:
+    with removed_after([h for name, m in layers.items() for h in record_layer_inputs(m, make_hook(name))]):
         for batch in batches:
             seen.clear()
             run_batches(model, [batch], forward_fn, stop=_StopForward if calls is not None else None)
-    finally:
-        for h in handles:
-            h.remove()
     return accs
 
 
@@ -144,12 +141,9 @@ def forward_pieces(
             if isinstance(output, torch.Tensor):
                 largest[0] = max(largest[0], output.numel() * output.element_size())
 
-        handles = [m.register_forward_hook(record) for m in layers.values()]
-        try:  # a piece of the smallest size, not one sample: some models only run on batches of several
+        # A piece of the smallest size, not one sample: some models only run on batches of several.
+        with removed_after([m.register_forward_hook(record) for m in layers.values()]):
             run_batches(model, [slice_batch(batches[0], 0, MIN_PIECE_SAMPLES)], forward_fn)
-        finally:
-            for h in handles:
-                h.remove()
         forward_batch = max(MIN_PIECE_SAMPLES, PIECE_BYTES * MIN_PIECE_SAMPLES // largest[0])
     return cut_batches(batches, forward_batch)
 
@@ -164,11 +158,8 @@ def execution_order(
         def hook(module: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
             calls[name] = calls.get(name, 0) + 1
         handles.append(module.register_forward_hook(hook))
-    try:
+    with removed_after(handles):
         run_batches(model, [batch], forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
     ordered = dict(calls)
     ordered.update({name: 0 for name in layers if name not in calls})
     return ordered

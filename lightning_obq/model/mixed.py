@@ -51,6 +51,7 @@ from lightning_obq.model.calibration import (
     draw_batches,
     flat_output,
     model_device,
+    removed_after,
     slice_batch,
     squared_output_change,
     to_device,
@@ -258,31 +259,29 @@ def linear_output_changes(
         return output.clone()  # later in-place ops (ReLU(inplace=True)) must not alter the tensor we differentiate
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    handles = [m.register_forward_hook(hook) for m in layers.values()]
     try:
-        for m in layers.values():
-            m.weight.requires_grad_(True)  # so every layer output is part of the graph
-        for batch in batches:
-            n = batch_size(batch)
-            for start in range(0, n, GAIN_CHUNK):
-                chunk = to_device(slice_batch(batch, start, start + GAIN_CHUNK), device)
-                outputs.clear()
-                responses.clear()
-                with torch.enable_grad():
-                    flat = flat_output(forward(model, chunk), detach=False)
-                    elements += flat.numel()
-                    names = [k for k in outputs if outputs[k].requires_grad]
-                    for k in range(probes):
-                        r = torch.randn(flat.shape, generator=generator).to(flat.device)
-                        grads = torch.autograd.grad((flat * r).sum(), [outputs[k2] for k2 in names],
-                                                    retain_graph=k < probes - 1, allow_unused=True)
-                        for name, g in zip(names, grads, strict=True):
-                            if g is not None:
-                                per_sample = (g * responses[name]).reshape(g.shape[0], -1).sum(dim=1)
-                                totals[name] += float(per_sample.double().square().sum()) / probes
+        with removed_after([m.register_forward_hook(hook) for m in layers.values()]):
+            for m in layers.values():
+                m.weight.requires_grad_(True)  # so every layer output is part of the graph
+            for batch in batches:
+                n = batch_size(batch)
+                for start in range(0, n, GAIN_CHUNK):
+                    chunk = to_device(slice_batch(batch, start, start + GAIN_CHUNK), device)
+                    outputs.clear()
+                    responses.clear()
+                    with torch.enable_grad():
+                        flat = flat_output(forward(model, chunk), detach=False)
+                        elements += flat.numel()
+                        names = [k for k in outputs if outputs[k].requires_grad]
+                        for k in range(probes):
+                            r = torch.randn(flat.shape, generator=generator).to(flat.device)
+                            grads = torch.autograd.grad((flat * r).sum(), [outputs[k2] for k2 in names],
+                                                        retain_graph=k < probes - 1, allow_unused=True)
+                            for name, g in zip(names, grads, strict=True):
+                                if g is not None:
+                                    per_sample = (g * responses[name]).reshape(g.shape[0], -1).sum(dim=1)
+                                    totals[name] += float(per_sample.double().square().sum()) / probes
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
     return {n: t / max(1, elements) for n, t in totals.items()}

@@ -239,6 +239,30 @@ def test_failure_half_way_restores_the_model_exactly() -> None:
     assert model.training  # mode restored too
 
 
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 5, 8, 13])
+def test_a_pass_that_fails_leaves_no_hooks_behind(fail_at: int) -> None:
+    """Whichever calibration pass a failure hits (order, capture, BatchNorm choice, mixed-precision gains and
+    check), every hook is removed and the weights are restored."""
+    model = small_cnn()
+    before = state(model)
+    calls = {"n": 0}
+
+    def forward_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("the loader broke")
+        return m(batch)
+
+    config = QuantConfig(budget=5.0, candidate_bits=(4, 8), gains="linear", forward_batch=64, progress=False)
+    try:
+        quantize_model(model, [images(128)], config, forward_fn=forward_fn)
+    except RuntimeError:
+        assert all(torch.equal(before[k], v) for k, v in state(model).items())
+    assert calls["n"] >= fail_at
+    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == []
+
+
 def test_train_modes_of_submodules_are_kept() -> None:
     model = nn.Sequential(small_cnn())  # a training wrapper around an eval-mode network
     model.training = True

@@ -111,12 +111,19 @@ def reexec_with_jemalloc() -> bool:
     return True  # pragma: no cover - execve does not return
 
 
+def cpu_note() -> str:
+    """The CPU and its logical cores, as `machine_info` names them: for results files whose sections come from
+    different runs (and machines)."""
+    info = library_machine_info()
+    return f"{info['cpu']}, {info['cores']} logical cores"
+
+
 def machine_info() -> str:
     """One markdown paragraph describing the machine and software the numbers were measured on
     (`lightning_obq.core.measure.machine_info`, plus the allocator)."""
     info = library_machine_info()
     parts = [
-        f"CPU: {info['cpu']}, {info['cores']} logical cores",
+        f"CPU: {cpu_note()}",
         f"RAM: {info['ram_gb']:.1f} GB" if info["ram_gb"] is not None else None,
         f"{info['system']} {info['release']}",
         f"Python {info['python']}",

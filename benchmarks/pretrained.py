@@ -11,7 +11,9 @@ precision at an average of 4.0 and 3.0 bits against uniform at the same size. Fi
 on the evaluation crops: top-1 agreement and KL divergence for the classifiers, output MSE and
 face/no-face agreement for the MTCNN nets. Hessians are captured once per model and reused by every
 run (`lightning_obq.capture_hessians`); each row's seconds are its own solve and BatchNorm step, the
-capture's seconds are given per model.
+capture's seconds are given per model. For each EfficientNet a '<model>: W8 loss by layer' section
+(``--breakdown-bits``) says which layers carry the loss of that width: each layer's quantized weight alone
+in the FP model, and the whole model with the largest of them kept in float.
 
     python benchmarks/pretrained.py --out benchmarks/results/pretrained.md
 

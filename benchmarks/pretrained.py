@@ -134,24 +134,25 @@ def run_one(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], refe
     return row
 
 
-def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], probe_ev: list[torch.Tensor],
-                    hessians: dict[str, Any], bits: int, top: int) -> str:
+def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], reference: list[Any],
+                    probe_batches: int, hessians: dict[str, Any], bits: int, top: int) -> str:
     """Which layers carry the loss of uniform ``bits``: the model quantized with the fastobq defaults (trained
     BatchNorm statistics kept, so only weights differ), then each layer's quantized weight alone put into the FP
-    model, KL and top-1 agreement to FP on ``probe_ev``; the ``top`` layers by KL with their share of the summed
-    one-layer KL, and the whole model on ``ev`` quantized as it is and with the largest layer kept in float.
-    Returns a markdown section body."""
+    model, KL and top-1 agreement to FP on the first ``probe_batches`` of ``ev``; the ``top`` layers by KL with
+    their share of the summed one-layer KL, and the whole model on ``ev`` quantized as it is and with the largest
+    layer kept in float. ``reference``: the FP outputs on ``ev`` (`reference_outputs`). Returns a markdown section
+    body."""
     config = QuantConfig(bits=bits, bn_mode="keep", calib_samples=sum(len(x) for x in cal), progress=False)
     quantized = copy.deepcopy(fp)
     quantize_model(quantized, cal, config, hessians=hessians)
-    reference = reference_outputs(fp, probe_ev)
+    probe_ev, probe_reference = ev[:probe_batches], reference[:probe_batches]
     probe, fp_modules = copy.deepcopy(fp), dict(fp.named_modules())
     probe_modules, q_modules = dict(probe.named_modules()), dict(quantized.named_modules())
     rows = []
     with torch.no_grad():
         for name in hessians:
             probe_modules[name].weight.copy_(q_modules[name].weight)
-            fid = classifier_fidelity(reference, probe, probe_ev)
+            fid = classifier_fidelity(probe_reference, probe, probe_ev)
             probe_modules[name].weight.copy_(fp_modules[name].weight)
             rows.append((fid["kl_div"], fid["top1_agreement"], name, tuple(fp_modules[name].weight.shape)))
     rows.sort(reverse=True)
@@ -163,8 +164,7 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
     largest = rows[0][2]
     kept = copy.deepcopy(fp)
     quantize_model(kept, cal, config.replace(exclude=(largest,)), hessians=hessians)
-    full_reference = reference_outputs(fp, ev)
-    whole = [classifier_fidelity(full_reference, m, ev) for m in (quantized, kept)]
+    whole = [classifier_fidelity(reference, m, ev) for m in (quantized, kept)]
     share = fp_modules[largest].weight.numel() / sum(fp_modules[n].weight.numel() for n in hessians)
     wholes = markdown_table(
         ["model", "top1_agreement", "kl_div"],
@@ -194,17 +194,17 @@ def run(args: argparse.Namespace, publish: Callable[[str, str], None]) -> None:
         start = time.perf_counter()
         hessians = capture_hessians(fp, cal, base)
         capture_seconds = time.perf_counter() - start
+        reference = reference_outputs(fp, ev)  # shared by the breakdown and every row
         if fidelity is classifier_fidelity:
             for bits in args.breakdown_bits:
-                body = layer_breakdown(fp, cal, ev, ev[: -(-args.breakdown_samples // EVAL_BATCH)], hessians, bits,
-                                       args.breakdown_top)
+                body = layer_breakdown(fp, cal, ev, reference, -(-args.breakdown_samples // EVAL_BATCH), hessians,
+                                       bits, args.breakdown_top)
                 print(body, flush=True)
                 publish(breakdown_heading(name, bits), body)
         if args.breakdown_only:
             continue
         metric_names = ["top1_agreement", "kl_div"] if fidelity is classifier_fidelity else ["face_agreement",
                                                                                               "output_mse"]
-        reference = reference_outputs(fp, ev)
         intro = (f"{sum(p.numel() for p in fp.parameters()):,} parameters, {len(hessians)} Conv/Linear layers; "
                  f"{args.calib_samples} calibration and {args.eval_samples} evaluation crops of {ev[0].shape[-1]} "
                  f"px. Hessian capture (once, reused by every row): {capture_seconds:.1f} s.\n\n")

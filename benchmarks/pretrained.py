@@ -13,7 +13,8 @@ face/no-face agreement for the MTCNN nets. Hessians are captured once per model 
 run (`lightning_obq.capture_hessians`); each row's seconds are its own solve and BatchNorm step, the
 capture's seconds are given per model. For each EfficientNet a '<model>: W8 loss by layer' section
 (``--breakdown-bits``) says which layers carry the loss of that width: each layer's quantized weight alone
-in the FP model, and the whole model with the largest of them kept in float.
+in the FP model, and the whole model with the largest of them kept in float and with the depthwise convs on
+the per-channel grid instead of the default per-row grid (`QuantConfig.depthwise_grid`).
 
     python benchmarks/pretrained.py --out benchmarks/results/pretrained.md
 
@@ -139,9 +140,9 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
     """Which layers carry the loss of uniform ``bits``: the model quantized with the fastobq defaults (trained
     BatchNorm statistics kept, so only weights differ), then each layer's quantized weight alone put into the FP
     model, KL and top-1 agreement to FP on the first ``probe_batches`` of ``ev``; the ``top`` layers by KL with
-    their share of the summed one-layer KL, and the whole model on ``ev`` quantized as it is and with the largest
-    layer kept in float. ``reference``: the FP outputs on ``ev`` (`reference_outputs`). Returns a markdown section
-    body."""
+    their share of the summed one-layer KL, and the whole model on ``ev`` quantized as it is, with the largest
+    layer kept in float, and with the depthwise convs on the per-channel grid of the other layers. ``reference``:
+    the FP outputs on ``ev`` (`reference_outputs`). Returns a markdown section body."""
     config = QuantConfig(bits=bits, bn_mode="keep", calib_samples=sum(len(x) for x in cal), progress=False)
     quantized = copy.deepcopy(fp)
     quantize_model(quantized, cal, config, hessians=hessians)
@@ -162,15 +163,18 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
                            [[name, "x".join(map(str, shape)), kl, f"{kl / summed:.1%}" if summed else "-", agree]
                             for kl, agree, name, shape in rows[:top]])
     largest = rows[0][2]
-    kept = copy.deepcopy(fp)
+    kept, per_channel = copy.deepcopy(fp), copy.deepcopy(fp)
     quantize_model(kept, cal, config.replace(exclude=(largest,)), hessians=hessians)
-    whole = [classifier_fidelity(reference, m, ev) for m in (quantized, kept)]
+    quantize_model(per_channel, cal, config.replace(depthwise_grid="granularity"), hessians=hessians)
+    whole = [classifier_fidelity(reference, m, ev) for m in (quantized, kept, per_channel)]
     share = fp_modules[largest].weight.numel() / sum(fp_modules[n].weight.numel() for n in hessians)
     wholes = markdown_table(
         ["model", "top1_agreement", "kl_div"],
         [[f"every layer W{bits}", whole[0]["top1_agreement"], whole[0]["kl_div"]],
          [f"every layer W{bits} but {largest} (kept in float: {share:.3%} of the quantized weights)",
-          whole[1]["top1_agreement"], whole[1]["kl_div"]]])
+          whole[1]["top1_agreement"], whole[1]["kl_div"]],
+         [f"every layer W{bits}, depthwise convs on the per-channel grid (`depthwise_grid=\"granularity\"`)",
+          whole[2]["top1_agreement"], whole[2]["kl_div"]]])
     return (f"W{bits} fastobq (defaults, trained BatchNorm statistics kept). Each layer's quantized weight alone in "
             f"the FP model, on {sum(len(x) for x in probe_ev)} of the evaluation crops: the {len(rows)} layers sum to "
             f"KL {fmt(summed)}; the {top} largest:\n\n{table}\n\nThe whole model on the {sum(len(x) for x in ev)} "

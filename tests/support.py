@@ -154,9 +154,9 @@ def assert_on_grid(module: nn.Module, report: Any, bits: int) -> None:
         scale = r.scale.repeat_interleave(w.shape[-1] // r.scale.shape[-1], dim=-1)
         zero = r.zero.repeat_interleave(w.shape[-1] // r.zero.shape[-1], dim=-1)
         assert torch.equal(dequantize_codes(codes, scale, zero), w), name
-        # independent of the codes: each row of the weight holds at most 2^bits distinct values
-        for row in w.reshape(-1, w.shape[-1]):
-            assert row.unique().numel() <= 2**bits
+        # independent of the codes: each row (or group of a row) of the weight holds at most 2^bits distinct values
+        for group in w.reshape(-1, r.group_size or w.shape[-1]):
+            assert group.unique().numel() <= 2**bits
 
 
 def read_wandb_history(run_dir: Path, require: str = "obq/bits", timeout: float = 60.0) -> list[dict[str, Any]]:

@@ -58,8 +58,9 @@ class LayerResult(LayerOutcome):
 
     ``weight`` is the dequantized weight (same shape and dtype as the input); ``codes`` holds the
     integer codes (uint8, same shape) with ``scale``/``zero`` of shape ``[..., d_row, n_groups]``
-    (``n_groups`` = 1 unless group-wise), so ``scale * (codes - zero)`` reproduces ``weight`` exactly
-    in float32; ``perm`` is the column order the solver used (``None`` if natural).
+    (``n_groups`` = 1 unless group-wise, ``group_size`` columns each), so ``scale * (codes - zero)``, with
+    the scales expanded to the columns (`Grid.column_params`), reproduces ``weight`` exactly in float32;
+    ``perm`` is the column order the solver used (``None`` if natural).
     """
 
     weight: torch.Tensor

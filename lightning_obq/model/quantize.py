@@ -158,8 +158,8 @@ def _calibrate_and_solve(
         raise ValueError("no selected layer received input during calibration; check forward_fn")
     widths = {n: _candidate_widths(n, config) for n in ordered}
     show = config.progress and sys.stderr.isatty()
-    bar = tqdm(total=sum(len(w) for w in widths.values()), desc=f"{config.method} W{config.bits}",
-               disable=not show, leave=False)
+    solves = sum(len(w) * len(layer_configs(ordered[n], config)) for n, w in widths.items())
+    bar = tqdm(total=solves, desc=f"{config.method} W{config.bits}", disable=not show, leave=False)
 
     def solve_serially(names: list[str], weights: list[torch.Tensor], hessians: list[torch.Tensor],
                        cfg: QuantConfig) -> list[LayerResult]:
@@ -191,14 +191,17 @@ def _calibrate_and_solve(
                         hessian_reducer(name, accs[name])
             report.calib_seconds += m.seconds
             for bits in sorted({b for n in chunk for b in widths[n]}):
-                names = [n for n in chunk if bits in widths[n]]
-                results = solve(names, [weight_matrix(ordered[n]) for n in names],
-                                [accs[n].hessian for n in names], config.replace(bits=bits))
-                if solve is layer_solver:
-                    bar.update(len(names))
-                for name, result in zip(names, results, strict=True):
-                    candidates[name][bits] = result
-                    report.solve_seconds += result.seconds
+                for cfg, names in _by_layer_config([n for n in chunk if bits in widths[n]], ordered,
+                                                   config.replace(bits=bits)):
+                    results = solve(names, [weight_matrix(ordered[n]) for n in names],
+                                    [accs[n].hessian for n in names], cfg)
+                    if solve is layer_solver:
+                        bar.update(len(names))
+                    for name, result in zip(names, results, strict=True):
+                        report.solve_seconds += result.seconds
+                        best = candidates[name].get(bits)
+                        if best is None or result.damped_error < best.damped_error:
+                            candidates[name][bits] = result
             for name in chunk:
                 samples[name] = accs.pop(name).samples
                 if config.calibration == "sequential":
@@ -216,6 +219,29 @@ def _calibrate_and_solve(
         # One-pass mode: every Hessian came from the FP model, so weights are written only at the end.
         _write_weight(module, result)
     return settled
+
+
+def layer_configs(module: nn.Module, config: QuantConfig) -> list[QuantConfig]:
+    """The configs ``module`` is solved with; the result with the lower damped layer objective is kept.
+
+    ``config`` itself, and first, for a depthwise conv under ``depthwise_grid="row"``, its per-row grid
+    (`QuantConfig.for_layer`): finer, so fastobq's result on it is nearly always the better one, but gptq keeps
+    each group's range fixed while its updates move later weights, and on EfficientNet-Lite1's first depthwise
+    conv at W4 its per-row result had 2.5x the per-channel one's error.
+    """
+    own = config.for_layer(module)
+    return [config] if own is config else [own, config]
+
+
+def _by_layer_config(names: list[str], layers: dict[str, nn.Module], config: QuantConfig
+                     ) -> list[tuple[QuantConfig, list[str]]]:
+    """``names`` grouped by the configs each layer is solved with (`layer_configs`), in order of first
+    appearance: one solver call per group."""
+    groups: dict[tuple[str, int], tuple[QuantConfig, list[str]]] = {}
+    for name in names:
+        for cfg in layer_configs(layers[name], config):
+            groups.setdefault((cfg.granularity, cfg.group_size), (cfg, []))[1].append(name)
+    return list(groups.values())
 
 
 def _shaped(module: nn.Module, result: LayerResult) -> torch.Tensor:

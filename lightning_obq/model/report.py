@@ -17,7 +17,8 @@ from lightning_obq.model.batchnorm import describe_batchnorm
 @dataclass
 class LayerStats(LayerOutcome):
     """Per-layer line of the report: which layer (name, kind, shapes), how it was quantized (method, order,
-    calibration samples) and the `LayerOutcome` figures (errors, damping, cost, refinement)."""
+    calibration samples, ``group_size``: columns per grid, ``None`` for one grid per row or per tensor) and the
+    `LayerOutcome` figures (errors, damping, cost, refinement)."""
 
     name: str
     kind: str
@@ -28,6 +29,7 @@ class LayerStats(LayerOutcome):
     method: str
     order: str | None
     samples: int
+    group_size: int | None = None
 
     @classmethod
     def from_result(cls, name: str, module: nn.Module, result: LayerResult, config: QuantConfig,
@@ -40,7 +42,7 @@ class LayerStats(LayerOutcome):
         shared = {f.name: getattr(result, f.name) for f in fields(LayerOutcome)}
         return cls(name=name, kind=type(module).__name__, shape=list(module.weight.shape),
                    groups=layer_groups(module), d_row=w.shape[1], d_col=w.shape[2], method=config.method,
-                   order=config.order, samples=samples, **shared)
+                   order=config.order, samples=samples, group_size=result.group_size, **shared)
 
     @property
     def error_ratio_to_rtn(self) -> float:

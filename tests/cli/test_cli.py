@@ -137,6 +137,30 @@ def test_quantize_local_torchvision_model_on_image_folder(capsys, tmp_path, cach
     assert torch.equal(fresh.layer4[0].conv1.weight, fp_state["layer4.0.conv1.weight"])  # skipped: kept in FP
 
 
+def test_depthwise_grid_option_reaches_the_solver(capsys, tmp_path, cache, fashion_folder):
+    """mobilenet_v3_small's depthwise convs get one grid per kernel row unless ``--depthwise-grid granularity``:
+    more scales in the size, less error in those layers, the other layers as they were."""
+    checkpoint = tmp_path / "mobilenet.pt"
+    torch.manual_seed(0)
+    torch.save(models.mobilenet_v3_small(weights=None, num_classes=2).state_dict(), checkpoint)
+    reports = {}
+    for grid in ("row", "granularity"):
+        path = tmp_path / f"{grid}.json"
+        code = main(["quantize", "--model", "mobilenet_v3_small", "--num-classes", "2", "--checkpoint", str(checkpoint),
+                     "--data", str(fashion_folder), "--image-size", "32", "--calib-samples", "16", "--batch-size", "8",
+                     "--bits", "4", "--depthwise-grid", grid, "--report", str(path), "--no-progress"])
+        assert code == 0, capsys.readouterr().err
+        reports[grid] = json.loads(path.read_text())["report"]
+    assert reports["row"]["config"]["depthwise_grid"] == "row"
+    assert reports["granularity"]["config"]["depthwise_grid"] == "granularity"
+    assert reports["row"]["quant_size_mb"] > reports["granularity"]["quant_size_mb"]
+    depthwise = {"model.features.1.block.0.0", "model.features.4.block.1.0"}
+    errors = {g: {la["name"]: la["error"] for la in r["layers"]} for g, r in reports.items()}
+    assert depthwise <= set(errors["row"])
+    assert all(errors["row"][n] < errors["granularity"][n] for n in depthwise)
+    assert errors["row"]["model.features.0.0"] == errors["granularity"]["model.features.0.0"]
+
+
 @pytest.fixture()
 def keep_threads():
     """`--threads` sets torch's thread count for the process: restore it for the other tests."""

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_obq import QuantConfig, quantize_model
-from lightning_obq.core.grid import dequantize_codes
+from lightning_obq.core.grid import Grid, dequantize_codes
 from lightning_obq.model.batchnorm import reestimate_batchnorm
 from lightning_obq.model.calibration import batch_size, cut_batches
 from lightning_obq.model.capture import forward_pieces
@@ -51,7 +51,8 @@ def test_eight_bits_barely_moves_outputs_and_weights_lie_on_grid() -> None:
     for name, r in report.results.items():
         module = model.get_submodule(name)
         w = module.weight.detach().reshape(r.codes.shape)
-        assert torch.equal(w, dequantize_codes(r.codes.float(), r.scale, r.zero))
+        grid = Grid(r.scale, r.zero, r.bits, r.group_size)  # the depthwise conv's has a scale per kernel row
+        assert torch.equal(w, dequantize_codes(r.codes.float(), *grid.column_params(w.shape[-1])))
     assert not model.training
 
 
@@ -331,3 +332,26 @@ def test_cpu_pieces_are_sized_by_the_largest_layer_output() -> None:
     small = torch.randn(32, 3, 16, 16)  # 64 KB per sample: the loader's batch fits
     assert forward_pieces(model, layers, [small], None, None) == [small]
     assert [batch_size(b) for b in forward_pieces(model, layers, [small], None, 12)] == [12, 12, 8]
+
+
+def test_depthwise_convs_get_one_grid_per_kernel_row() -> None:
+    """Layer "6" of `small_cnn` is depthwise (16 groups of one 3x3 channel), "3" grouped but not depthwise."""
+    x = images()
+
+    def grids(**fields) -> dict[str, tuple[int | None, int, float]]:
+        report = quantize_model(small_cnn(), [x], QuantConfig(bits=3, progress=False, **fields))
+        assert {s.name: s.group_size for s in report.layers} == {n: r.group_size for n, r in report.results.items()}
+        return {n: (r.group_size, r.scale.numel(), r.damped_error) for n, r in report.results.items()}
+
+    rows, channels = grids(), grids(depthwise_grid="granularity")
+    assert rows["6"][:2] == (3, 16 * 3) and channels["6"][:2] == (None, 16)
+    assert rows["6"][2] < channels["6"][2]  # the finer grid leaves less of the layer objective
+    assert {n: g[:2] for n, g in rows.items() if n != "6"} == {n: g[:2] for n, g in channels.items() if n != "6"}
+    assert rows["3"][:2] == (None, 16)
+    # gptq keeps whichever of the two grids its solve did better on: never worse than the per-channel one
+    assert grids(method="gptq")["6"][2] <= grids(method="gptq", depthwise_grid="granularity")["6"][2]
+    assert grids(granularity="tensor")["6"][:2] == (None, 16)  # one scale per tensor stays one (broadcast)
+    assert grids(granularity="group", group_size=2)["6"][:2] == (2, 16 * 5)  # a finer group is kept
+    assert grids(granularity="group", group_size=8)["6"][:2] == (3, 16 * 3)
+    with pytest.raises(ValueError, match=r"QuantConfig.depthwise_grid='rows' is not one of \['row', 'granularity'\]"):
+        QuantConfig(depthwise_grid="rows")

@@ -83,7 +83,8 @@ class QuantConfig:
             its depthwise convs changed 4.7 % of the top-1 predictions, the per-row grid 1.6 %
             (``benchmarks/results/pretrained.md``). The extra scales are counted in the model size (4 % of
             Lite1's weights are depthwise: its quantized layers take 5.7 % more storage at W8, 11 % at W4).
-            ``"granularity"``: as every other layer.
+            Each depthwise conv is also solved on the other grid and keeps whichever has the lower layer
+            objective. ``"granularity"``: as every other layer.
         range_search: ``"mse"`` searches the clipping ratio that minimises the grid error (REQuant);
             ``"minmax"`` uses the full weight range.
         damp: Hessian damping. ``damp_mode="absolute"`` adds ``damp`` to the diagonal (paper: 0.1);
@@ -283,8 +284,10 @@ class QuantConfig:
         return tuple(LAYER_TYPES[k] for k in self.layer_types)
 
     def for_layer(self, module: nn.Module) -> QuantConfig:
-        """The config ``module``'s weight is solved with: this one, but for a depthwise conv's grid
-        (`depthwise_grid`)."""
+        """This config with ``module``'s own grid: for a depthwise conv the per-row one (`depthwise_grid`).
+
+        `quantize_model` solves such a layer on both grids and keeps the lower layer objective
+        (`lightning_obq.model.quantize.layer_configs`)."""
         convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
         if self.depthwise_grid != "row" or self.granularity == "tensor" or not isinstance(module, convs):
             return self

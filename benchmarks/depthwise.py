@@ -29,7 +29,7 @@ from pretrained_models import EFFICIENTNET_SIZES, load_efficientnet_lite
 
 from lightning_obq import QuantConfig, capture_hessians, quantize_layer, quantize_model
 from lightning_obq.core.hessian import layer_groups, weight_matrix
-from lightning_obq.model.quantize import layer_configs
+from lightning_obq.model.quantize import kept_result, layer_configs
 
 VARIANTS = {
     "fastobq": {"method": "fastobq"},
@@ -72,7 +72,7 @@ def section(variant: int, args: argparse.Namespace) -> str:
                 start = time.perf_counter()
                 w = weight_matrix(acc.module).detach()
                 results = [quantize_layer(w, acc.hessian, c, name) for c in layer_configs(acc.module, config)]
-                error += min(results, key=lambda r: r.damped_error).error  # as quantize_model keeps
+                error += kept_result(results).error
                 seconds += time.perf_counter() - start
             layer_rows.append([label, bits, error, seconds])
             print(variant, layer_rows[-1], flush=True)

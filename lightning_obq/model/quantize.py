@@ -199,9 +199,8 @@ def _calibrate_and_solve(
                         bar.update(len(names))
                     for name, result in zip(names, results, strict=True):
                         report.solve_seconds += result.seconds
-                        best = candidates[name].get(bits)
-                        if best is None or result.damped_error < best.damped_error:
-                            candidates[name][bits] = result
+                        earlier = candidates[name].get(bits)
+                        candidates[name][bits] = kept_result([earlier, result] if earlier else [result])
             for name in chunk:
                 samples[name] = accs.pop(name).samples
                 if config.calibration == "sequential":
@@ -231,6 +230,12 @@ def layer_configs(module: nn.Module, config: QuantConfig) -> list[QuantConfig]:
     """
     own = config.for_layer(module)
     return [config] if own is config else [own, config]
+
+
+def kept_result(results: list[LayerResult]) -> LayerResult:
+    """Of one layer's results on its `layer_configs`, the one kept: the lowest damped layer objective (what the
+    solvers minimise), the earlier one on a tie."""
+    return min(results, key=lambda r: r.damped_error)
 
 
 def _by_layer_config(names: list[str], layers: dict[str, nn.Module], config: QuantConfig

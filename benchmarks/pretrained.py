@@ -14,7 +14,10 @@ run (`lightning_obq.capture_hessians`); each row's seconds are its own solve and
 capture's seconds are given per model. For each EfficientNet a '<model>: W8 loss by layer' section
 (``--breakdown-bits``) says which layers carry the loss of that width: each layer's quantized weight alone
 in the FP model, and the whole model with the largest of them kept in float and with the depthwise convs on
-the per-channel grid instead of the default per-row grid (`QuantConfig.depthwise_grid`).
+the per-channel grid instead of the default per-row grid (`QuantConfig.depthwise_grid`). With
+``--calibration-sweep``, a '<model>: mixed 4 bits by calibration crops' section runs the 4.0-bit budget with
+more calibration crops of the same photographs and gives its fidelity on the calibration crops it was fitted on
+beside the evaluation crops: how much of the budget's loss is the calibration set's.
 
     python benchmarks/pretrained.py --out benchmarks/results/pretrained.md
 
@@ -181,6 +184,41 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
             f"evaluation crops:\n\n{wholes}")
 
 
+def calibration_sweep(fp: nn.Module, ev: list[torch.Tensor], reference: list[Any], counts: Sequence[int],
+                      budget: float = 4.0) -> str:
+    """The ``budget``-bit mixed-precision run (capture included) with each of ``counts`` calibration crops: its
+    fidelity on the evaluation crops and on up to 256 of the calibration crops it was fitted on (against the
+    FP model on the same crops), beside uniform W4 at the same calibration. Returns a markdown section body."""
+    size = ev[0].shape[-1]
+    rows = []
+    for count in counts:
+        cal = list(photo_crops(count, seed=1, size=size, split="calibration").split(32))
+        seen = [x for b in cal for x in b.split(EVAL_BATCH)][: -(-256 // EVAL_BATCH)]
+        seen_reference = reference_outputs(fp, seen)
+        for label, config in ((f"mixed {budget:g}", QuantConfig(bits=round(budget), budget=budget)),
+                              ("uniform W4", QuantConfig(bits=4))):
+            model = copy.deepcopy(fp)
+            start = time.perf_counter()
+            report = quantize_model(model, cal, config.replace(calib_samples=count, progress=False))
+            seconds = time.perf_counter() - start
+            on_seen, on_new = (classifier_fidelity(r, model, b) for r, b in ((seen_reference, seen), (reference, ev)))
+            a = report.allocation or {}
+            rows.append([count, label, fmt(a["average_bits"]) if a else 4, on_seen["top1_agreement"],
+                         on_seen["kl_div"], on_new["top1_agreement"], on_new["kl_div"], seconds])
+            print(rows[-1], flush=True)
+    table = markdown_table(["calibration crops", "run", "avg bits", "top1_agreement, calibration crops",
+                            "kl_div, calibration crops", "top1_agreement, evaluation crops",
+                            "kl_div, evaluation crops", "seconds (capture included)"], rows)
+    return (f"Default configs (`QuantConfig(bits=4, budget=4.0)` and `QuantConfig(bits=4)`), each run complete with "
+            f"its own Hessian capture; 'calibration crops': the first {len(seen) * EVAL_BATCH} of the crops the run "
+            f"was calibrated on, 'evaluation crops': the {sum(len(x) for x in ev)} evaluation crops of the other "
+            f"half of each photograph.\n\n{table}")
+
+
+def sweep_heading(model: str, budget: float = 4.0) -> str:
+    return f"{model}: mixed {budget:g} bits by calibration crops"
+
+
 def breakdown_heading(model: str, bits: int) -> str:
     return f"{model}: W{bits} loss by layer"
 
@@ -194,11 +232,17 @@ def run(args: argparse.Namespace, publish: Callable[[str, str], None]) -> None:
     (marked incomplete until its last row), so a run cut short still leaves what it measured."""
     torch.manual_seed(0)
     for name, fp, cal, ev, fidelity in models(args.models, args.calib_samples, args.eval_samples):
+        reference = reference_outputs(fp, ev)  # shared by the sweep, the breakdown and every row
+        if fidelity is classifier_fidelity and args.calibration_sweep:  # each run captures its own Hessians
+            body = calibration_sweep(fp, ev, reference, args.calibration_sweep)
+            print(body, flush=True)
+            publish(sweep_heading(name), body)
+        if args.breakdown_only and not args.breakdown_bits:
+            continue
         base = QuantConfig(calib_samples=args.calib_samples, progress=False)
         start = time.perf_counter()
         hessians = capture_hessians(fp, cal, base)
         capture_seconds = time.perf_counter() - start
-        reference = reference_outputs(fp, ev)  # shared by the breakdown and every row
         if fidelity is classifier_fidelity:
             for bits in args.breakdown_bits:
                 body = layer_breakdown(fp, cal, ev, reference, -(-args.breakdown_samples // EVAL_BATCH), hessians,
@@ -307,7 +351,10 @@ def main() -> None:
                         help="bit widths whose loss is broken down by layer on the classifiers (one layer at a time)")
     parser.add_argument("--breakdown-samples", type=int, default=128, help="evaluation crops of the breakdown")
     parser.add_argument("--breakdown-top", type=int, default=8, help="layers listed by the breakdown")
-    parser.add_argument("--breakdown-only", action="store_true", help="only the breakdown sections")
+    parser.add_argument("--breakdown-only", action="store_true",
+                        help="only the breakdown (and calibration-sweep) sections")
+    parser.add_argument("--calibration-sweep", nargs="*", type=int, default=[],
+                        help="calibration crop counts of the classifiers' 4.0-bit budget sweep (none: skip it)")
     args = parser.parse_args()
     stamp = provenance()  # the run's start: every section it writes carries it
     run(args, lambda heading, body: write_results(args.out, [(heading, stamp + body)]))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_obq.core.grid import dequantize_codes
+from lightning_obq.core.grid import Grid, dequantize_codes
 from lightning_obq.core.hessian import weight_matrix
 
 
@@ -151,12 +151,12 @@ def assert_on_grid(module: nn.Module, report: Any, bits: int) -> None:
         w = weight_matrix(layers[name]).detach()
         codes = r.codes.float()
         assert codes.min() >= 0 and codes.max() <= 2**bits - 1
-        scale = r.scale.repeat_interleave(w.shape[-1] // r.scale.shape[-1], dim=-1)
-        zero = r.zero.repeat_interleave(w.shape[-1] // r.zero.shape[-1], dim=-1)
-        assert torch.equal(dequantize_codes(codes, scale, zero), w), name
+        grid = Grid(r.scale, r.zero, r.bits, r.group_size)
+        assert torch.equal(dequantize_codes(codes, *grid.column_params(w.shape[-1])), w), name
         # independent of the codes: each row (or group of a row) of the weight holds at most 2^bits distinct values
-        for group in w.reshape(-1, r.group_size or w.shape[-1]):
-            assert group.unique().numel() <= 2**bits
+        for columns in w.split(r.group_size or w.shape[-1], dim=-1):
+            for group in columns.reshape(-1, columns.shape[-1]):
+                assert group.unique().numel() <= 2**bits
 
 
 def read_wandb_history(run_dir: Path, require: str = "obq/bits", timeout: float = 60.0) -> list[dict[str, Any]]:

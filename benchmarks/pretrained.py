@@ -13,8 +13,8 @@ face/no-face agreement for the MTCNN nets. Hessians are captured once per model 
 run (`lightning_obq.capture_hessians`); each row's seconds are its own solve and BatchNorm step, the
 capture's seconds are given per model. For each EfficientNet a '<model>: W8 loss by layer' section
 (``--breakdown-bits``) says which layers carry the loss of that width: each layer's quantized weight alone
-in the FP model, and the whole model with the largest of them kept in float and with the depthwise convs on
-the per-channel grid instead of the default per-row grid (`QuantConfig.depthwise_grid`). With
+in the FP model, and the whole model with the largest of them kept in float and with the depthwise convs and the
+stem on the per-channel grid instead of the default per-row grid (`QuantConfig.kernel_row_grid`). With
 ``--calibration-sweep``, a '<model>: mixed 4 bits by calibration crops' section runs the 4.0-bit budget with
 more calibration crops of the same photographs and gives its fidelity on the calibration crops it was fitted on
 beside the evaluation crops: how much of the budget's loss is the calibration set's.
@@ -144,7 +144,7 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
     BatchNorm statistics kept, so only weights differ), then each layer's quantized weight alone put into the FP
     model, KL and top-1 agreement to FP on the first ``probe_batches`` of ``ev``; the ``top`` layers by KL with
     their share of the summed one-layer KL, and the whole model on ``ev`` quantized as it is, with the largest
-    layer kept in float, and with the depthwise convs on the per-channel grid of the other layers. ``reference``:
+    layer kept in float, and with the depthwise convs and the stem on the per-channel grid. ``reference``:
     the FP outputs on ``ev`` (`reference_outputs`). Returns a markdown section body."""
     config = QuantConfig(bits=bits, bn_mode="keep", calib_samples=sum(len(x) for x in cal), progress=False)
     quantized = copy.deepcopy(fp)
@@ -168,7 +168,7 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
     largest = rows[0][2]
     kept, per_channel = copy.deepcopy(fp), copy.deepcopy(fp)
     quantize_model(kept, cal, config.replace(exclude=(largest,)), hessians=hessians)
-    quantize_model(per_channel, cal, config.replace(depthwise_grid="granularity"), hessians=hessians)
+    quantize_model(per_channel, cal, config.replace(kernel_row_grid="granularity"), hessians=hessians)
     whole = [classifier_fidelity(reference, m, ev) for m in (quantized, kept, per_channel)]
     share = fp_modules[largest].weight.numel() / sum(fp_modules[n].weight.numel() for n in hessians)
     wholes = markdown_table(
@@ -176,7 +176,7 @@ def layer_breakdown(fp: nn.Module, cal: list[torch.Tensor], ev: list[torch.Tenso
         [[f"every layer W{bits}", whole[0]["top1_agreement"], whole[0]["kl_div"]],
          [f"every layer W{bits} but {largest} (kept in float: {share:.3%} of the quantized weights)",
           whole[1]["top1_agreement"], whole[1]["kl_div"]],
-         [f"every layer W{bits}, depthwise convs on the per-channel grid (`depthwise_grid=\"granularity\"`)",
+         [f"every layer W{bits}, depthwise convs and stem on the per-channel grid (`kernel_row_grid=\"granularity\"`)",
           whole[2]["top1_agreement"], whole[2]["kl_div"]]])
     return (f"W{bits} fastobq (defaults, trained BatchNorm statistics kept). Each layer's quantized weight alone in "
             f"the FP model, on {sum(len(x) for x in probe_ev)} of the evaluation crops: the {len(rows)} layers sum to "

@@ -154,9 +154,16 @@ def assert_on_grid(module: nn.Module, report: Any, bits: int) -> None:
         grid = Grid(r.scale, r.zero, r.bits, r.group_size)
         assert torch.equal(dequantize_codes(codes, *grid.column_params(w.shape[-1])), w), name
         # independent of the codes: each row (or group of a row) of the weight holds at most 2^bits distinct values
-        for columns in w.split(r.group_size or w.shape[-1], dim=-1):
-            for group in columns.reshape(-1, columns.shape[-1]):
-                assert group.unique().numel() <= 2**bits
+        assert most_values_per_grid(layers[name].weight, r.group_size) <= 2**bits, name
+
+
+def most_values_per_grid(weight: torch.Tensor, group_size: int | None) -> int:
+    """The most distinct values one grid of a conv or linear ``weight`` (the module's own shape) holds: one
+    output channel's weights (a row), or each ``group_size`` of them in order (``LayerStats.group_size``; a
+    conv's kernel rows when it equals the kernel width)."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    return max(group.unique().numel() for columns in rows.split(group_size or rows.shape[-1], dim=-1)
+               for group in columns)
 
 
 def read_wandb_history(run_dir: Path, require: str = "obq/bits", timeout: float = 60.0) -> list[dict[str, Any]]:

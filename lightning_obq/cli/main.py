@@ -66,8 +66,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, help="evaluate on a deterministic subset of this many images")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--granularity", default="channel", choices=["channel", "tensor", "group"])
-    p.add_argument("--depthwise-grid", default="row", choices=["row", "granularity"],
-                   help="grid of depthwise convs: one scale per kernel row (default) or as --granularity")
+    p.add_argument("--kernel-row-grid", default="row", choices=["row", "granularity"],
+                   help="grid of depthwise convs and image stems: one scale per kernel row (default) or as "
+                        "--granularity")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="layer-name pattern kept in full precision (repeatable), e.g. 'fc' or 'layer4.*'")

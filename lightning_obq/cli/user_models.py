@@ -205,5 +205,5 @@ def base_config(args: argparse.Namespace, progress: bool, module: nn.Module, net
     """Settings shared by every job; ``--skip`` patterns name layers of the network as the user knows it."""
     prefix = "" if net is module else next(name for name, m in module.named_modules() if m is net) + "."
     return QuantConfig(bits=4, calib_samples=args.calib_samples, bn_mode=args.bn_mode, granularity=args.granularity,
-                       depthwise_grid=args.depthwise_grid, symmetric=args.symmetric, progress=progress,
+                       kernel_row_grid=args.kernel_row_grid, symmetric=args.symmetric, progress=progress,
                        exclude=tuple(prefix + p for p in args.skip))

@@ -13,7 +13,10 @@ METHODS = ("fastobq", "gptq", "obq", "rtn")
 ORDERS = ("sensi_dyn", "sensi_des", "sensi_asc", "err_des", "err_asc", "w_des", "w_asc", "none", "act")
 GPTQ_ORDERS = ("none", "act")
 GRANULARITIES = ("channel", "tensor", "group")
-DEPTHWISE_GRIDS = ("row", "granularity")
+KERNEL_ROW_GRIDS = ("row", "granularity")
+# Input channels per output channel up to which a conv gets one grid per kernel row (`QuantConfig.kernel_row_grid`):
+# depthwise convs (one) and image stems (RGB: three).
+ROW_GRID_MAX_INPUTS = 3
 RANGE_SEARCHES = ("minmax", "mse")
 DAMP_MODES = ("absolute", "relative")
 CALIBRATION_MODES = ("one_pass", "sequential")
@@ -75,16 +78,16 @@ class QuantConfig:
         granularity: one grid per output ``"channel"``, per ``"tensor"``, or per ``"group"`` of
             ``group_size`` input columns in each row.
         group_size: columns per group when ``granularity="group"``.
-        depthwise_grid: the grid of depthwise convs (two or more groups of one input channel each, a kernel
-            of more than one row). ``"row"`` (default): one grid per kernel row (``kernel_size[-1]`` weights)
-            instead of one per channel, under ``"channel"`` and coarser ``"group"`` granularity. Such a channel
-            has only its ``k x k`` weights and no other inputs to compensate its rounding with, and its few
-            weights span very different ranges: on pretrained EfficientNet-Lite1 at W8 the per-channel grid of
-            its depthwise convs changed 4.7 % of the top-1 predictions, the per-row grid 1.6 %
-            (``benchmarks/results/pretrained.md``). The extra scales are counted in the model size (4 % of
-            Lite1's weights are depthwise: its quantized layers take 5.7 % more storage at W8, 11 % at W4).
-            Each depthwise conv is also solved on the other grid and keeps whichever has the lower layer
-            objective. ``"granularity"``: as every other layer.
+        kernel_row_grid: the grid of convs whose output channels each see at most `ROW_GRID_MAX_INPUTS` input
+            channels (depthwise convs, RGB and grayscale image stems) through a kernel of more than one row.
+            ``"row"`` (default): one grid per kernel row (``kernel_size[-1]`` weights) instead of one per channel,
+            under ``"channel"`` and coarser ``"group"`` granularity. Such a channel has only its few ``k x k``
+            kernels and almost no other inputs to compensate its rounding with, and its weights span very
+            different ranges: on pretrained EfficientNet-Lite1 at W8 the per-channel grid of its depthwise convs
+            changed 4.7 % of the top-1 predictions, the per-row grid 1.6 % (``benchmarks/results/pretrained.md``).
+            The extra scales are counted in the model size (4 % of Lite1's weights are depthwise: its
+            quantized layers take 5.7 % more storage at W8, 11 % at W4). Each such conv is also solved on the
+            other grid and keeps whichever has the lower layer objective. ``"granularity"``: as every other layer.
         range_search: ``"mse"`` searches the clipping ratio that minimises the grid error (REQuant);
             ``"minmax"`` uses the full weight range.
         damp: Hessian damping. ``damp_mode="absolute"`` adds ``damp`` to the diagonal (paper: 0.1);
@@ -151,7 +154,7 @@ class QuantConfig:
     symmetric: bool = False
     granularity: str = "channel"
     group_size: int = 128
-    depthwise_grid: str = "row"
+    kernel_row_grid: str = "row"
     range_search: str = "mse"
     damp: float = 0.1
     damp_mode: str = "absolute"
@@ -196,7 +199,7 @@ class QuantConfig:
         self._check_batchnorm()
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_number("group_size", self.group_size, 1, 1 << 30, integer=True)
-        _check_choice("depthwise_grid", self.depthwise_grid, DEPTHWISE_GRIDS)
+        _check_choice("kernel_row_grid", self.kernel_row_grid, KERNEL_ROW_GRIDS)
         _check_choice("range_search", self.range_search, RANGE_SEARCHES)
         _check_number("damp", self.damp, 0.0, float("inf"))
         _check_choice("damp_mode", self.damp_mode, DAMP_MODES)
@@ -284,16 +287,17 @@ class QuantConfig:
         return tuple(LAYER_TYPES[k] for k in self.layer_types)
 
     def for_layer(self, module: nn.Module) -> QuantConfig:
-        """This config with ``module``'s own grid: for a depthwise conv the per-row one (`depthwise_grid`).
+        """This config with ``module``'s own grid: the per-row one (`kernel_row_grid`) for a conv whose output
+        channels each see few input channels (a depthwise conv, an image stem).
 
         `quantize_model` solves such a layer on both grids and keeps the lower layer objective
         (`lightning_obq.model.quantize.layer_configs`)."""
         convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        if self.depthwise_grid != "row" or self.granularity == "tensor" or not isinstance(module, convs):
+        if self.kernel_row_grid != "row" or self.granularity == "tensor" or not isinstance(module, convs):
             return self
         row = module.kernel_size[-1]
         per_channel = module.weight[0].numel()  # the weights of one output channel
-        if module.groups == 1 or module.in_channels != module.groups or not 1 < row < per_channel:
+        if module.in_channels // module.groups > ROW_GRID_MAX_INPUTS or not 1 < row < per_channel:
             return self
         if self.granularity == "group" and self.group_size <= row:
             return self

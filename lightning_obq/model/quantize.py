@@ -223,10 +223,10 @@ def _calibrate_and_solve(
 def layer_configs(module: nn.Module, config: QuantConfig) -> list[QuantConfig]:
     """The configs ``module`` is solved with; the result with the lower damped layer objective is kept.
 
-    ``config`` itself, and first, for a depthwise conv under ``depthwise_grid="row"``, its per-row grid
-    (`QuantConfig.for_layer`): finer, so fastobq's result on it is nearly always the better one, but gptq keeps
-    each group's range fixed while its updates move later weights, and on EfficientNet-Lite1's first depthwise
-    conv at W4 its per-row result had 2.5x the per-channel one's error.
+    ``config`` itself, and first, for a depthwise conv or an image stem under ``kernel_row_grid="row"``, its
+    per-row grid (`QuantConfig.for_layer`): finer, so fastobq's result on it is nearly always the better one,
+    but gptq keeps each group's range fixed while its updates move later weights, and on EfficientNet-Lite1's
+    first depthwise conv at W4 its per-row result had 2.5x the per-channel one's error.
     """
     own = config.for_layer(module)
     return [config] if own is config else [own, config]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from support import read_wandb_history
+from support import most_values_per_grid, read_wandb_history
 from torchvision import datasets, models
 
 from lightning_obq.cli import main
@@ -127,19 +127,19 @@ def test_quantize_local_torchvision_model_on_image_folder(capsys, tmp_path, cach
     assert row["status"] == "ok" and 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["top1_agreement"] <= 1.0
     names = [layer["name"] for layer in data["report"]["layers"]]
     assert "model.conv1" in names and not any(n.startswith(("model.layer3", "model.layer4")) for n in names)
-    # the artifact loads into a plain torchvision resnet18; its conv1 is on a 4-bit grid per output channel
+    # the artifact loads into a plain torchvision resnet18; its RGB stem conv1 is on a 4-bit grid per kernel row
     fp_state = torch.load(resnet18_file, weights_only=True)
     fresh = models.resnet18(weights=None, num_classes=2)
     load_quantized(out, fresh)
     w = fresh.conv1.weight.detach()
     assert not torch.equal(w, fp_state["conv1.weight"])
-    assert max(len(torch.unique(row_)) for row_ in w.reshape(w.shape[0], -1)) <= 16
+    assert most_values_per_grid(w, 7) <= 16 < most_values_per_grid(w, None)
     assert torch.equal(fresh.layer4[0].conv1.weight, fp_state["layer4.0.conv1.weight"])  # skipped: kept in FP
 
 
-def test_depthwise_grid_option_reaches_the_solver(capsys, tmp_path, cache, fashion_folder):
-    """mobilenet_v3_small's depthwise convs get one grid per kernel row unless ``--depthwise-grid granularity``:
-    more scales in the size, less error in those layers, the other layers as they were."""
+def test_kernel_row_grid_option_reaches_the_solver(capsys, tmp_path, cache, fashion_folder):
+    """mobilenet_v3_small's depthwise convs and RGB stem get one grid per kernel row unless ``--kernel-row-grid
+    granularity``: more scales in the size, less error in those layers, the 1x1 convs on their per-channel grid."""
     checkpoint = tmp_path / "mobilenet.pt"
     torch.manual_seed(0)
     torch.save(models.mobilenet_v3_small(weights=None, num_classes=2).state_dict(), checkpoint)
@@ -148,17 +148,20 @@ def test_depthwise_grid_option_reaches_the_solver(capsys, tmp_path, cache, fashi
         path = tmp_path / f"{grid}.json"
         code = main(["quantize", "--model", "mobilenet_v3_small", "--num-classes", "2", "--checkpoint", str(checkpoint),
                      "--data", str(fashion_folder), "--image-size", "32", "--calib-samples", "16", "--batch-size", "8",
-                     "--bits", "4", "--depthwise-grid", grid, "--report", str(path), "--no-progress"])
+                     "--bits", "4", "--kernel-row-grid", grid, "--report", str(path), "--no-progress"])
         assert code == 0, capsys.readouterr().err
         reports[grid] = json.loads(path.read_text())["report"]
-    assert reports["row"]["config"]["depthwise_grid"] == "row"
-    assert reports["granularity"]["config"]["depthwise_grid"] == "granularity"
+    assert reports["row"]["config"]["kernel_row_grid"] == "row"
+    assert reports["granularity"]["config"]["kernel_row_grid"] == "granularity"
     assert reports["row"]["quant_size_mb"] > reports["granularity"]["quant_size_mb"]
-    depthwise = {"model.features.1.block.0.0", "model.features.4.block.1.0"}
+    rows = {"model.features.0.0", "model.features.1.block.0.0", "model.features.4.block.1.0"}  # stem, depthwise
     errors = {g: {la["name"]: la["error"] for la in r["layers"]} for g, r in reports.items()}
-    assert depthwise <= set(errors["row"])
-    assert all(errors["row"][n] < errors["granularity"][n] for n in depthwise)
-    assert errors["row"]["model.features.0.0"] == errors["granularity"]["model.features.0.0"]
+    assert rows <= set(errors["row"])
+    assert all(errors["row"][n] < errors["granularity"][n] for n in rows)
+    group_sizes = {g: {la["name"]: la["group_size"] for la in r["layers"]} for g, r in reports.items()}
+    assert [group_sizes["row"][n] for n in sorted(rows)] == [3, 3, 5]  # one scale per kernel row: 3x3, 3x3, 5x5
+    assert group_sizes["row"]["model.features.1.block.2.0"] is None
+    assert set(group_sizes["granularity"].values()) == {None}
 
 
 @pytest.fixture()

@@ -112,9 +112,10 @@ def test_pins_are_honoured_and_count_in_the_budget() -> None:
 
 def test_budget_in_megabytes() -> None:
     model = uneven_model()
-    # Between uniform W2 (0.00097 MB with the depthwise conv's per-row grid) and W4 (0.00124 MB).
-    report = quantize_model(model, calibration(), QuantConfig(budget_mb=0.0011, progress=False))
-    assert report.allocation["size_mb"] <= 0.0011
+    # Between uniform W2 (quantized layers 0.00292 MB: the per-row grids of both RGB stems and the depthwise conv
+    # put most of this tiny model's bytes in scales) and W4 (0.00320 MB).
+    report = quantize_model(model, calibration(), QuantConfig(budget_mb=0.0030, progress=False))
+    assert report.allocation["size_mb"] <= 0.0030
     assert 2 < report.allocation["average_bits"] < 4
 
 
@@ -193,7 +194,7 @@ def test_uniform_is_kept_when_it_measures_better_than_the_allocation() -> None:
 
 def test_depthwise_convs_keep_more_bits_under_a_budget() -> None:
     """MobileNetV2-style: the tiny depthwise convs (9x9 Hessians) are where mixed precision spends bits on a
-    per-channel grid; their default per-row grid (`QuantConfig.depthwise_grid`) leaves both the allocation
+    per-channel grid; their default per-row grid (`QuantConfig.kernel_row_grid`) leaves both the allocation
     and uniform W4 closer to the FP model."""
     from lightning_obq.demo.models import MobileNetV2Small
     from lightning_obq.model.batchnorm import reestimate_batchnorm
@@ -206,7 +207,7 @@ def test_depthwise_convs_keep_more_bits_under_a_budget() -> None:
     model.eval()
     allocations = {}
     for grid in ("granularity", "row"):
-        config = QuantConfig(bits=4, budget=4.0, depthwise_grid=grid, progress=False)
+        config = QuantConfig(bits=4, budget=4.0, kernel_row_grid=grid, progress=False)
         report = quantize_model(copy.deepcopy(model), list(x.split(32)), config)
         allocations[grid] = report.allocation
     modules = dict(model.named_modules())

@@ -334,8 +334,9 @@ def test_cpu_pieces_are_sized_by_the_largest_layer_output() -> None:
     assert [batch_size(b) for b in forward_pieces(model, layers, [small], None, 12)] == [12, 12, 8]
 
 
-def test_depthwise_convs_get_one_grid_per_kernel_row() -> None:
-    """Layer "6" of `small_cnn` is depthwise (16 groups of one 3x3 channel), "3" grouped but not depthwise."""
+def test_depthwise_convs_and_stems_get_one_grid_per_kernel_row() -> None:
+    """Layer "0" of `small_cnn` is its RGB stem, "6" depthwise (16 groups of one 3x3 channel), "3" grouped with four
+    input channels per group: neither, like the 1x1 conv "8" and the linear head "13"."""
     x = images()
 
     def grids(**fields) -> dict[str, tuple[int | None, int, float]]:
@@ -343,15 +344,19 @@ def test_depthwise_convs_get_one_grid_per_kernel_row() -> None:
         assert {s.name: s.group_size for s in report.layers} == {n: r.group_size for n, r in report.results.items()}
         return {n: (r.group_size, r.scale.numel(), r.damped_error) for n, r in report.results.items()}
 
-    rows, channels = grids(), grids(depthwise_grid="granularity")
+    rows, channels = grids(), grids(kernel_row_grid="granularity")
+    assert rows["0"][:2] == (3, 16 * 9) and channels["0"][:2] == (None, 16)
     assert rows["6"][:2] == (3, 16 * 3) and channels["6"][:2] == (None, 16)
-    assert rows["6"][2] < channels["6"][2]  # the finer grid leaves less of the layer objective
-    assert {n: g[:2] for n, g in rows.items() if n != "6"} == {n: g[:2] for n, g in channels.items() if n != "6"}
+    assert rows["0"][2] < channels["0"][2] and rows["6"][2] < channels["6"][2]  # the finer grid leaves less
+    row_layers = {"0", "6"}
+    assert {n: g[:2] for n, g in rows.items() if n not in row_layers} == {
+        n: g[:2] for n, g in channels.items() if n not in row_layers}
     assert rows["3"][:2] == (None, 16)
     # gptq keeps whichever of the two grids its solve did better on: never worse than the per-channel one
-    assert grids(method="gptq")["6"][2] <= grids(method="gptq", depthwise_grid="granularity")["6"][2]
+    gptq_rows, gptq_channels = grids(method="gptq"), grids(method="gptq", kernel_row_grid="granularity")
+    assert gptq_rows["0"][2] <= gptq_channels["0"][2] and gptq_rows["6"][2] <= gptq_channels["6"][2]
     assert grids(granularity="tensor")["6"][:2] == (None, 16)  # one scale per tensor stays one (broadcast)
     assert grids(granularity="group", group_size=2)["6"][:2] == (2, 16 * 5)  # a finer group is kept
     assert grids(granularity="group", group_size=8)["6"][:2] == (3, 16 * 3)
-    with pytest.raises(ValueError, match=r"QuantConfig.depthwise_grid='rows' is not one of \['row', 'granularity'\]"):
-        QuantConfig(depthwise_grid="rows")
+    with pytest.raises(ValueError, match=r"QuantConfig.kernel_row_grid='rows' is not one of \['row', 'granularity'\]"):
+        QuantConfig(kernel_row_grid="rows")

@@ -117,9 +117,10 @@ def main() -> None:
     sections = run(args)
     write_markdown(
         args.out, "Mixed precision vs uniform at equal size (Fashion-MNIST)", command_line(), sections,
-        intro=("Mixed precision picks each layer's width from {2, 3, 4, 6, 8} so that the predicted output "
-               "loss (layer error x measured output gain) is least at the same average bits per weight as the "
-               "uniform row above it; the allocation is then measured against uniform on the calibration "
+        intro=("Mixed precision picks each layer's width from "
+               f"{{{', '.join(map(str, QuantConfig().candidate_bits))}}} (`QuantConfig.candidate_bits`) so that "
+               "the predicted output loss (layer error x measured output gain) is least at the same average bits per "
+               "weight as the uniform row above it; the allocation is then measured against uniform on the calibration "
                "data (all layers quantized together, after the same BatchNorm step as the final model) and uniform "
                "is kept if it changes the output less ('kept uniform', out of the runs). 'BN chosen': what the "
                "default bn_mode='auto' picked after measuring keep / correct / reestimate on held-back "

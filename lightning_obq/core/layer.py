@@ -111,7 +111,7 @@ def _refine(
     error on other crops by a third, where the damped one lowered both. None, with a warning, if the block
     factors fail all the same (the solve stands)."""
     try:
-        new_codes, new_scale, sweeps, before = refine_solution(
+        new_codes, new_scale, sweeps, before, after = refine_solution(
             w, hd, codes, grid.scale, grid.zero, grid.maxq, grid.group_size, config.granularity == "tensor",
             sweeps)
     except HessianNotPositiveDefinite:
@@ -119,7 +119,7 @@ def _refine(
         return None
     new_grid = dataclasses.replace(grid, scale=new_scale)
     new_q = dequantize_codes(new_codes, *new_grid.column_params(w.shape[-1]))
-    return new_codes, new_grid, new_q, sweeps, before, layer_error(w, new_q, hd)
+    return new_codes, new_grid, new_q, sweeps, before, after
 
 
 def _damping_term(w: torch.Tensor, q: torch.Tensor, extra: torch.Tensor) -> float:

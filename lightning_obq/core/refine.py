@@ -109,7 +109,8 @@ def refit_scales(
     small linear solve per row with groups, ``sum v / sum M`` when shared. A row (the tensor when shared)
     keeps its old scales unless the new ones are finite, positive and lower its objective by more than
     `REFINE_MIN_GAIN` of its quadratic term, so the objective never rises (the change is exact from ``M``
-    and ``v``: no second product with ``H``). Returns the ``[G, r, n_groups]`` scales.
+    and ``v``: no second product with ``H``). Returns the ``[G, r, n_groups]`` scales and that change of the
+    objective (summed in float64, <= 0).
     """
     d_col = w.shape[-1]
     z = zero if group_size is None else _expand_groups(zero, group_size, d_col)
@@ -129,7 +130,8 @@ def refit_scales(
 
     change = quadratic(new) - quadratic(s_old) - 2 * ((new - s_old) * v).sum(-1)
     take = torch.isfinite(new).all(-1) & (new > 0).all(-1) & (change < -REFINE_MIN_GAIN * quadratic(s_old))
-    return torch.where(take.unsqueeze(-1), new, s_old).expand_as(old).clone()
+    gain = float(change.where(take, 0.0).sum(dtype=torch.float64))
+    return torch.where(take.unsqueeze(-1), new, s_old).expand_as(old).clone(), gain
 
 
 def _expand_groups(t: torch.Tensor, group_size: int, d_col: int) -> torch.Tensor:
@@ -164,8 +166,9 @@ def refine_codes(
     times, decided per group so that a grouped conv gets what its groups would get one by one.
 
     ``w [G, r, n]``, ``h [G, n, n]`` (the objective's Hessian, need not be damped), starting ``codes``
-    ``[G, r, n]`` (not changed), ``scale``/``zero`` ``[G, r, 1 or n]``. Returns the codes, the sweeps run and
-    the starting objective (float64 sum of the rows', the same product and sum as `layer.layer_error`).
+    ``[G, r, n]`` (not changed), ``scale``/``zero`` ``[G, r, 1 or n]``. Returns the codes, the sweeps run, the
+    starting objective (float64 sum of the rows', the same product and sum as `layer.layer_error`) and the
+    final one: the start plus the accepted steps' exact changes, so no product with ``H`` is spent on it.
     As in `solve_column_parallel`, only the sequential loop runs compiled on `COMPILED_DEVICES`; every other
     step is the same torch call on both paths, so both give the same bits.
     """
@@ -176,6 +179,7 @@ def refine_codes(
     e = q - w
     res = e @ h  # R = (Q - W) H, kept up to date with every accepted block step
     objective = (e * res).sum(-1)  # [G, r]: each row's objective, lowered by every accepted step
+    first = objective.clone()
     start = float((res * e).sum(dtype=torch.float64))
     diag = h.diagonal(dim1=-2, dim2=-1)
     damp = REFINE_DAMP * diag.mean(-1).clamp_min(torch.finfo(h.dtype).tiny)
@@ -227,7 +231,7 @@ def refine_codes(
             res.baddbmm_(pending, h[:, c0:c1, :])
         done += 1
         active &= before - objective.sum(-1) > tol * before
-    return codes, done, start
+    return codes, done, start, start + float((objective - first).sum(dtype=torch.float64))
 
 
 def refine_solution(
@@ -239,10 +243,12 @@ def refine_solution(
     ``[0, maxq]``). Neither step raises ``tr((Q-W) H (Q-W)^T)``.
 
     ``scale``/``zero`` are the grid's ``[G, r, n_groups]``. Returns the codes, the grid's new scales, the
-    sweeps run and the objective of the starting codes; the weights are ``dequantize_codes(codes, scales, zero)``
-    with the scales expanded per column.
+    sweeps run, and the objective of the starting codes and of the result (the latter from the steps' exact
+    changes, `refine_codes`, `refit_scales`); the weights are ``dequantize_codes(codes, scales, zero)`` with the
+    scales expanded per column.
     """
     d_col = w.shape[-1]
     expand = (lambda t: t) if group_size is None else (lambda t: _expand_groups(t, group_size, d_col))
-    codes, done, start = refine_codes(w, h, codes, expand(scale), expand(zero), maxq, sweeps)
-    return codes, refit_scales(w, h, codes, scale, zero, group_size, shared), done, start
+    codes, done, start, end = refine_codes(w, h, codes, expand(scale), expand(zero), maxq, sweeps)
+    new_scale, gain = refit_scales(w, h, codes, scale, zero, group_size, shared)
+    return codes, new_scale, done, start, end + gain

@@ -35,14 +35,12 @@ def cholesky_factor(h: torch.Tensor, upper: bool = False) -> torch.Tensor:
 def inverse_hessian(h: torch.Tensor) -> torch.Tensor:
     """``H^-1`` of a (batched) positive-definite matrix via its Cholesky factor.
 
-    The inverse is taken as two triangular solves against the identity (``cholesky_solve``) rather than
-    ``cholesky_inverse`` (LAPACK potri), which on the MKL CPU build is slower and erratic under load. The result is
-    symmetrised so either triangle can be read.
+    ``cholesky_inverse`` (LAPACK potri: the factor's triangular inverse and its product with its transpose)
+    needs a third of the work of two triangular solves against the identity, and measured 2x faster on the
+    largest resnet18 shape (d = 4608, 2 threads: 0.77 s against 1.64 s with the factor; still 1.2x under a
+    competing process). Its result is exactly symmetric.
     """
-    factor = cholesky_factor(h)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
-    hinv = torch.cholesky_solve(eye, factor)
-    return hinv.add_(hinv.transpose(-2, -1).clone()).mul_(0.5)
+    return torch.cholesky_inverse(cholesky_factor(h))
 
 
 def squared_rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -68,10 +68,11 @@ def test_no_sweep_raises_the_objective_and_codes_stay_on_the_grid(problem: str, 
     grid, scale, zero, start = starting_point(w, h, 2, granularity)
     objectives = []
     for sweeps in range(6):
-        codes, done, first = refine.refine_codes(w, h, start, scale, zero, grid.maxq, sweeps, block=8, tol=0.0)
+        codes, done, first, last = refine.refine_codes(w, h, start, scale, zero, grid.maxq, sweeps, block=8, tol=0.0)
         assert done == sweeps
         assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= grid.maxq
         objectives.append(float(layer_error(w, dequantize_codes(codes, scale, zero), h.double())))
+        assert last == pytest.approx(objectives[-1], rel=1e-5)  # the tracked objective is the product's
     assert first == pytest.approx(objectives[0], rel=1e-5)
     assert all(b <= a for a, b in itertools.pairwise(objectives)), objectives
     assert objectives[-1] < 0.99 * objectives[0]  # and it does lower it
@@ -83,7 +84,7 @@ def test_scale_refit_lowers_the_objective_and_keeps_codes(granularity: str) -> N
     grid, scale, zero, codes = starting_point(w, h, 3, granularity)
     scale = scale * 1.2  # codes on a grid whose scale is off: the refit must find a better one
     off = grid.scale * 1.2
-    new = refine.refit_scales(w, h, codes, off, grid.zero, grid.group_size, granularity == "tensor")
+    new, gain = refine.refit_scales(w, h, codes, off, grid.zero, grid.group_size, granularity == "tensor")
     assert new.shape == grid.scale.shape and bool((new > 0).all()) and not torch.equal(new, off)
     if granularity == "tensor":
         assert torch.all(new == new.flatten()[0])
@@ -91,6 +92,7 @@ def test_scale_refit_lowers_the_objective_and_keeps_codes(granularity: str) -> N
     before = layer_error(w, dequantize_codes(codes, scale, zero), h)
     after = layer_error(w, dequantize_codes(codes, expand, zero), h)
     assert after < before
+    assert gain < 0 and before + gain == pytest.approx(after, rel=1e-4)  # the exact change it reports
 
 
 def brute_force_error(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> float:
@@ -115,7 +117,7 @@ def test_refined_fastobq_is_at_or_below_exact_obq_on_a_brute_forced_problem(bits
     assert refined.error <= obq.error and refined.error <= refined.solve_error
     # On the fixed grid the sweeps alone stay at or above the exact optimum there, and below their start.
     grid, scale, zero, start = starting_point(w, h, bits, "channel")
-    codes, _, first = refine.refine_codes(w, h, start, scale, zero, grid.maxq, 6, block=4)
+    codes, _, first, _ = refine.refine_codes(w, h, start, scale, zero, grid.maxq, 6, block=4)
     on_grid = layer_error(w, dequantize_codes(codes, scale, zero), h)
     assert brute_force_error(w, h, scale, zero, grid.maxq) <= on_grid * (1 + 1e-5) and on_grid <= first
 

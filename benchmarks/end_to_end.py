@@ -53,6 +53,8 @@ from lightning_obq.core.measure import measure
 from lightning_obq.model.capture import find_layers
 
 METHODS = ("fastobq", "gptq", "rtn")
+RESNET18_TARGET_SECONDS = 70
+"""resnet18 W4 fastobq end to end on 256 images, on this 2-core CPU (the FastOBQ issue's target)."""
 
 
 def hessian_flops(d: int, m: int, groups: int) -> tuple[float, float]:
@@ -189,9 +191,9 @@ def run_model(name: str, args: argparse.Namespace, images: torch.Tensor, section
             lines.append(f"- peak RSS fastobq {fmt(fast.peak_rss_mb)} MB vs obq {fmt(rows[-1][5])} MB "
                          f"(target fastobq below obq: {'met' if fast.peak_rss_mb < rows[-1][5] else 'not met'}).")
         if name == "resnet18":
-            ok = fast.total_seconds <= 90
+            ok = fast.total_seconds <= RESNET18_TARGET_SECONDS
             lines.append(f"- resnet18 W4 fastobq end to end: {fmt(fast.total_seconds)} s "
-                         f"(target <= 90 s: {'met' if ok else 'not met'}).")
+                         f"(target <= {RESNET18_TARGET_SECONDS} s: {'met' if ok else 'not met'}).")
         if "gptq" in reports:
             lines.append(f"- fastobq solve / gptq solve: {fmt(fast.solve_seconds / reports['gptq'].solve_seconds)}x.")
     lines.append(

@@ -49,13 +49,14 @@ def refine_blocks(d_col: int, block: int, sweep: int) -> list[tuple[int, int]]:
 
 
 def _block_factors(
-    hb: torch.Tensor, blocks: list[tuple[int, int]], reverse: bool
+    h: torch.Tensor, damp: torch.Tensor, blocks: list[tuple[int, int]], reverse: bool
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per block of ``hb [G, n, n]``: the inverse of ``hb[:, a:b, a:b]`` and the upper Cholesky factor of that
-    inverse with its rows and columns in the order the block's columns are quantized (reversed when
-    ``reverse``). Blocks of one size are factored in one batched call (a sweep has at most three sizes)."""
-    g, n, _ = hb.shape
-    hb = hb.contiguous()
+    """Per block of ``h [G, n, n]``: the inverse of ``h[:, a:b, a:b]`` with ``damp [G]`` added to its diagonal,
+    and the upper Cholesky factor of that inverse with its rows and columns in the order the block's columns are
+    quantized (reversed when ``reverse``). Blocks of one size are factored in one batched call (a sweep has at
+    most three sizes); only the blocks are damped, so no damped copy of the whole ``h`` is made."""
+    g, n, _ = h.shape
+    hb = h.contiguous()
     by_size: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(blocks):
         by_size.setdefault(b - a, []).append(i)
@@ -68,6 +69,7 @@ def _block_factors(
             raise AssertionError(f"refine blocks of size {size} are not evenly spaced: {starts}")
         stacked = hb.as_strided((g, len(members), size, size), (n * n, (n + 1) * step, n, 1),
                                 hb.storage_offset() + starts[0] * (n + 1))
+        stacked = stacked + torch.diag_embed(damp[:, None, None].expand(g, len(members), size))
         hinv = inverse_hessian(stacked.reshape(-1, size, size))
         u = cholesky_factor(hinv.flip(-2, -1) if reverse else hinv, upper=True)
         hinv, u = (t.reshape(g, len(members), size, size) for t in (hinv, u))
@@ -183,7 +185,6 @@ def refine_codes(
     start = float((res * e).sum(dtype=torch.float64))
     diag = h.diagonal(dim1=-2, dim2=-1)
     damp = REFINE_DAMP * diag.mean(-1).clamp_min(torch.finfo(h.dtype).tiny)
-    hb = h + torch.diag_embed(damp.unsqueeze(-1).expand_as(diag))
     scale_t = scale.transpose(-2, -1).expand(g, -1, r)  # the column loop's layout, [G, 1 or n, r]
     zero_t = zero.transpose(-2, -1).expand_as(scale_t)
     per_column = scale.shape[-1] != 1
@@ -196,7 +197,7 @@ def refine_codes(
         blocks = refine_blocks(n, block, done)
         key = (done % 2, done % 4 in (1, 2))  # (shifted boundaries, reversed column order)
         if key not in factors:
-            factors[key] = _block_factors(hb, blocks, key[1])
+            factors[key] = _block_factors(h, damp, blocks, key[1])
         columns = {k: torch.arange(k, device=w.device).flip(0).expand(g, k) if key[1]
                    else torch.arange(k, device=w.device).expand(g, k) for k in {b - a for a, b in blocks}}
         before = objective.sum(-1)

@@ -29,7 +29,7 @@ REFINING_METHODS = COLUMN_PARALLEL_METHODS
 """The methods with a refinement stage after their column-parallel solve (`refine_sweeps`)."""
 DEFAULT_REFINE_SWEEPS = {"fastobq": 1, "gptq": 0, "obq": 0, "rtn": 0}
 """fastobq refines every layer with one sweep by default: a sweep never raises the layer objective, puts fastobq's
-layer error below gptq act order's on every resnet18 shape at 1.4-1.7x gptq's time on the large ones, and on
+layer error below gptq act order's on every resnet18 shape at 1.37-1.57x gptq's time on the large ones, and on
 the paper CNN lifts W2 accuracy above exact OBQ's (`benchmarks/results/layers.md`, `paper_tables.md`). More
 sweeps lower the error further (``refine_sweeps=3``) at up to 2x gptq's time. gptq stays the reference algorithm
 unless asked."""

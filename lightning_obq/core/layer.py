@@ -200,7 +200,10 @@ def quantize_layer(
         else:
             new_codes, new_grid, new_q, sweeps, damped_before, damped_after = refined
             solve_error = max(0.0, damped_before - _damping_term(w, q, extra))  # >= 0 whatever the rounding
-            if damped_after <= damped_before:  # monotone by construction; this keeps the better one regardless
+            # `damped_after` is the start plus the accepted steps' exact changes, each below -REFINE_MIN_GAIN of its
+            # row's objective (the margin that covers their float32 rounding; the tests compare it with the product):
+            # monotone by construction, and the comparison keeps the better one should that ever change.
+            if damped_after <= damped_before:
                 codes, grid, q = new_codes, new_grid, new_q
                 scale, zero = grid.column_params(w.shape[-1])
                 error = max(0.0, damped_after - _damping_term(w, q, extra))

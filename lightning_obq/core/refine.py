@@ -56,7 +56,7 @@ def _block_factors(
     quantized (reversed when ``reverse``). Blocks of one size are factored in one batched call (a sweep has at
     most three sizes); only the blocks are damped, so no damped copy of the whole ``h`` is made."""
     g, n, _ = h.shape
-    hb = h.contiguous()
+    h = h.contiguous()
     by_size: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(blocks):
         by_size.setdefault(b - a, []).append(i)
@@ -67,8 +67,8 @@ def _block_factors(
         step = starts[1] - starts[0] if len(starts) > 1 else size
         if any(b - a != step for a, b in pairwise(starts)):
             raise AssertionError(f"refine blocks of size {size} are not evenly spaced: {starts}")
-        stacked = hb.as_strided((g, len(members), size, size), (n * n, (n + 1) * step, n, 1),
-                                hb.storage_offset() + starts[0] * (n + 1))
+        stacked = h.as_strided((g, len(members), size, size), (n * n, (n + 1) * step, n, 1),
+                               h.storage_offset() + starts[0] * (n + 1))
         stacked = stacked + torch.diag_embed(damp[:, None, None].expand(g, len(members), size))
         hinv = inverse_hessian(stacked.reshape(-1, size, size))
         u = cholesky_factor(hinv.flip(-2, -1) if reverse else hinv, upper=True)

@@ -1,12 +1,13 @@
 """Compiled CPU kernels of the column solvers: the sequential column loop, the rounding residual the
-column orders score, and the column re-ordering.
+column orders score, the column re-ordering, and the refinement's row-wise acceptance of a block step.
 
 The column loop rounds one column of a block, then spreads its error over the block's later columns. On a
 layer with a few hundred rows each step is a handful of operations on vectors of a few hundred values, so
 an interpreted loop (torch or numpy) runs at call-overhead speed; compiled with numba it runs at the speed
 of the arithmetic. Each ranking of ``sensi_dyn`` (score the columns, sort, permute the
 weights' columns and ``H^-1``) takes two compiled calls and one column sum instead of about twenty tensor
-calls. Each kernel does the same float32 operations in the same order as the torch code in `solvers`
+calls; each block step of the refinement is accepted or refused row by row in one call instead of eight.
+Each kernel does the same float32 operations in the same order as the torch code in `solvers` and `refine`
 (round half to even, no fused multiply-add; a stable sort; plain copies), so the results are bitwise
 equal; the tests hold both paths to that. The column sum stays a torch call: its summation order is
 torch's own."""
@@ -159,6 +160,33 @@ def squared_rounding_error_kernel(
                 for j in range(n):
                     out[k, i, j] = _squared_rounding_error(w[k, i, j], s, z, low, top)
     return out
+
+
+@_compiled_on_first_call(
+    f"void(float32[:, :], float32[:, :], {_ANY3}, {_ANY3}, {_ANY3}, {_ANY3}, {_ANY3}, {_ANY3}, float32[:, :])"
+)
+def accept_steps_kernel(
+    change: np.ndarray, floor: np.ndarray, d: np.ndarray, new: np.ndarray, q_new: np.ndarray,
+    pending: np.ndarray, codes: np.ndarray, q: np.ndarray, objective: np.ndarray,
+) -> None:  # pragma: no cover - compiled; the test suite checks it against the torch path
+    """`refine.accept_steps`: the rows (``[G, r]``) whose ``change`` is below ``floor`` take their block's new
+    codes and values; every row writes its change ``d [G, r, k]`` times 1 or 0 into ``pending`` and adds
+    ``change`` times 1 or 0 to ``objective``, the float32 products the torch path computes. One pass instead
+    of eight tensor calls per block of a refinement sweep."""
+    groups, rows, k = d.shape
+    one = np.float32(1.0)
+    nil = np.float32(0.0)
+    for g in range(groups):
+        for i in range(rows):
+            take = change[g, i] < floor[g, i]
+            t = one if take else nil
+            for j in range(k):
+                pending[g, i, j] = d[g, i, j] * t
+            if take:
+                for j in range(k):
+                    codes[g, i, j] = new[g, i, j]
+                    q[g, i, j] = q_new[g, i, j]
+            objective[g, i] += change[g, i] * t
 
 
 @numba.njit(inline="always")

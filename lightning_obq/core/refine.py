@@ -12,7 +12,9 @@ from itertools import pairwise
 
 import torch
 
+from lightning_obq.core import solvers
 from lightning_obq.core.grid import dequantize_codes
+from lightning_obq.core.kernels import accept_steps_kernel
 from lightning_obq.core.solvers import cholesky_factor, inverse_hessian, quantize_block
 
 REFINE_BLOCK = 32
@@ -141,6 +143,25 @@ def _expand_groups(t: torch.Tensor, group_size: int, d_col: int) -> torch.Tensor
     return t[..., torch.arange(d_col, device=t.device) // group_size]
 
 
+def accept_steps(
+    change: torch.Tensor, floor: torch.Tensor, d: torch.Tensor, new: torch.Tensor, q_new: torch.Tensor,
+    pending: torch.Tensor, codes: torch.Tensor, q: torch.Tensor, objective: torch.Tensor,
+) -> None:
+    """One block step of `refine_codes`, row by row: a row whose objective ``change [G, r]`` is below ``floor``
+    takes its ``new`` codes and ``q_new`` values (into the views ``codes``/``q [G, r, k]``) and adds its change
+    to ``objective``; ``pending`` gets each row's change of values ``d``, zero where the step is refused. On
+    `solvers.COMPILED_DEVICES` it runs as one compiled pass (`accept_steps_kernel`, bitwise the same), since
+    on a small layer these few element-wise calls per block were a noticeable share of the stage."""
+    if d.device.type in solvers.COMPILED_DEVICES:
+        accept_steps_kernel(*(t.numpy() for t in (change, floor, d, new, q_new, pending, codes, q, objective)))
+        return
+    take = (change < floor).unsqueeze(-1)
+    pending.copy_(d.mul_(take))
+    codes.copy_(torch.where(take, new, codes))
+    q.copy_(torch.where(take, q_new, q))
+    objective += change.mul_(take[..., 0])
+
+
 def refine_codes(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -171,8 +192,9 @@ def refine_codes(
     ``[G, r, n]`` (not changed), ``scale``/``zero`` ``[G, r, 1 or n]``. Returns the codes, the sweeps run, the
     starting objective (float64 sum of the rows', the same product and sum as `layer.layer_error`) and the
     final one: the start plus the accepted steps' exact changes, so no product with ``H`` is spent on it.
-    As in `solve_column_parallel`, only the sequential loop runs compiled on `COMPILED_DEVICES`; every other
-    step is the same torch call on both paths, so both give the same bits.
+    As in `solve_column_parallel`, only the sequential loop and the row-wise acceptance (`accept_steps`) run
+    compiled on `COMPILED_DEVICES`; every other step is the same torch call on both paths, so both give the same
+    bits.
     """
     w, h, scale, zero = w.float(), h.float(), scale.float(), zero.float()
     g, r, n = w.shape
@@ -224,11 +246,8 @@ def refine_codes(
                 q_new = dequantize_codes(new[..., :k], *grid_b)
                 d = q_new - q_b
                 change = (d * torch.baddbmm(res_b, d, h[:, a:b, a:b], beta=2)).sum(-1)  # [G, r]
-                take = (change < floor).unsqueeze(-1)
-                pending[..., a - c0 : b - c0] = d.mul_(take)
-                codes[..., a:b] = torch.where(take, new[..., :k], codes[..., a:b])
-                q[..., a:b] = torch.where(take, q_new, q_b)
-                objective += change.mul_(take[..., 0])
+                accept_steps(change, floor, d, new[..., :k], q_new, pending[..., a - c0 : b - c0], codes[..., a:b],
+                             q_b, objective)
             res.baddbmm_(pending, h[:, c0:c1, :])
         done += 1
         active &= before - objective.sum(-1) > tol * before

@@ -192,7 +192,7 @@ def quantize_layer(
         extra = (hd.diagonal(dim1=-2, dim2=-1) - h_true.diagonal(dim1=-2, dim2=-1)).unsqueeze(1)  # [G, 1, d_col]
         sweeps, refine_seconds, refined = 0, 0.0, None
         if most_sweeps := refine_sweeps(config, w.shape[1]):
-            with measure(w.device, reset_peak=False) as m_refine:
+            with measure(w.device, memory=False) as m_refine:
                 refined = _refine(w, hd, codes, grid, config, name, most_sweeps)
             refine_seconds = m_refine.seconds
         if refined is None:

@@ -26,7 +26,7 @@ from ultralytics import YOLO  # noqa: E402
 from lightning_obq import QuantConfig  # noqa: E402
 from lightning_obq.cli.yolo import add_yolo_subcommand  # noqa: E402
 from lightning_obq.demo.detection_data import CLASS_NAMES, build_detection_dataset  # noqa: E402
-from lightning_obq.demo.detector import train_detector  # noqa: E402
+from lightning_obq.demo.detector import FINISHED, finished_run, train_detector  # noqa: E402
 from lightning_obq.integrations.ultralytics import (  # noqa: E402
     DFL_PATTERN,
     load_packed_yolo,
@@ -128,6 +128,19 @@ def test_detection_set_is_yolo_format_and_cached(det_data):
     again = build_detection_dataset(root.parent, train_images=240, val_images=60, canvas=(96, 128),
                                     objects=(1, 3), item_size=(36, 72), seed=0)
     assert again == det_data and images[0].stat().st_mtime_ns == before  # reused, not rewritten
+
+
+def test_detector_run_is_reused_only_when_its_training_finished(tiny_yaml, det_data, tmp_path):
+    first = train_detector(tiny_yaml, det_data, cache=tmp_path, epochs=1, imgsz=IMGSZ, batch=16)
+    run = first.parent.parent
+    assert finished_run(run) and (run / FINISHED).is_file()
+    stamp = first.stat().st_mtime_ns
+    assert train_detector(tiny_yaml, det_data, cache=tmp_path, epochs=1, imgsz=IMGSZ, batch=16) == first
+    assert first.stat().st_mtime_ns == stamp  # reused
+    (run / FINISHED).unlink()  # what a run cut short leaves: Ultralytics' best.pt without the marker
+    assert not finished_run(run)
+    again = train_detector(tiny_yaml, det_data, cache=tmp_path, epochs=1, imgsz=IMGSZ, batch=16)
+    assert again == first and finished_run(run) and first.stat().st_mtime_ns != stamp  # trained again
 
 
 @pytest.mark.slow

@@ -195,21 +195,23 @@ def quantize_layer(
             with measure(w.device, memory=False) as m_refine:
                 refined = _refine(w, hd, codes, grid, config, name, most_sweeps)
             refine_seconds = m_refine.seconds
+        term = _damping_term(w, q, extra)  # of the weights `q` currently holds
         if refined is None:
             error = solve_error = layer_error(w, q, h_true)
         else:
             new_codes, new_grid, new_q, sweeps, damped_before, damped_after = refined
-            solve_error = max(0.0, damped_before - _damping_term(w, q, extra))  # >= 0 whatever the rounding
+            solve_error = max(0.0, damped_before - term)  # >= 0 whatever the rounding
             # `damped_after` is the start plus the accepted steps' exact changes, each below -REFINE_MIN_GAIN of its
             # row's objective (the margin that covers their float32 rounding; the tests compare it with the product):
             # monotone by construction, and the comparison keeps the better one should that ever change.
             if damped_after <= damped_before:
                 codes, grid, q = new_codes, new_grid, new_q
                 scale, zero = grid.column_params(w.shape[-1])
-                error = max(0.0, damped_after - _damping_term(w, q, extra))
+                term = _damping_term(w, q, extra)
+                error = max(0.0, damped_after - term)
             else:
                 error = solve_error
-        damped_error = error + _damping_term(w, q, extra)
+        damped_error = error + term
         rtn_error = layer_error(w, rtn, h_true)
     shape = weight.shape
     return LayerResult(

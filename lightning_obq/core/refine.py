@@ -14,7 +14,7 @@ import torch
 
 from lightning_obq.core import solvers
 from lightning_obq.core.grid import dequantize_codes
-from lightning_obq.core.kernels import accept_steps_kernel
+from lightning_obq.core.kernels import accept_steps_kernel, block_delta_kernel
 from lightning_obq.core.solvers import cholesky_factor, inverse_hessian, quantize_block
 
 REFINE_BLOCK = 32
@@ -143,6 +143,20 @@ def _expand_groups(t: torch.Tensor, group_size: int, d_col: int) -> torch.Tensor
     return t[..., torch.arange(d_col, device=t.device) // group_size]
 
 
+def block_delta(
+    new: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, q: torch.Tensor, q_new: torch.Tensor,
+    d: torch.Tensor,
+) -> None:
+    """A block step's proposal in values: ``q_new = dequantize_codes(new, scale, zero)`` and ``d = q_new - q``
+    (the change from the current values ``q``), written into the C-contiguous ``q_new``/``d [G, r, k]``. On
+    `solvers.COMPILED_DEVICES` one compiled pass (`block_delta_kernel`, bitwise the same)."""
+    if new.device.type in solvers.COMPILED_DEVICES:
+        block_delta_kernel(*(t.numpy() for t in (new, scale, zero, q, q_new, d)))
+        return
+    q_new.copy_(dequantize_codes(new, scale, zero))
+    torch.sub(q_new, q, out=d)
+
+
 def accept_steps(
     change: torch.Tensor, floor: torch.Tensor, d: torch.Tensor, new: torch.Tensor, q_new: torch.Tensor,
     pending: torch.Tensor, codes: torch.Tensor, q: torch.Tensor, objective: torch.Tensor,
@@ -192,9 +206,9 @@ def refine_codes(
     ``[G, r, n]`` (not changed), ``scale``/``zero`` ``[G, r, 1 or n]``. Returns the codes, the sweeps run, the
     starting objective (float64 sum of the rows', the same product and sum as `layer.layer_error`) and the
     final one: the start plus the accepted steps' exact changes, so no product with ``H`` is spent on it.
-    As in `solve_column_parallel`, only the sequential loop and the row-wise acceptance (`accept_steps`) run
-    compiled on `COMPILED_DEVICES`; every other step is the same torch call on both paths, so both give the same
-    bits.
+    As in `solve_column_parallel`, only the sequential loop and the element-wise parts of a block step
+    (`block_delta`, `accept_steps`) run compiled on `COMPILED_DEVICES`; every other step is the same torch call
+    on both paths, so both give the same bits.
     """
     w, h, scale, zero = w.float(), h.float(), scale.float(), zero.float()
     g, r, n = w.shape
@@ -213,7 +227,9 @@ def refine_codes(
     active = torch.ones(g, dtype=torch.bool, device=w.device)
     factors: dict[tuple[int, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     new = torch.empty(g, r, block, dtype=w.dtype, device=w.device)  # the column loop's codes, per block
-    err: dict[int, torch.Tensor] = {}  # its scratch errors per block size (they must be C-contiguous)
+    # Scratch per block size (C-contiguous): the column loop's errors, a step's new values and their change.
+    err: dict[int, torch.Tensor] = {}
+    values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     done = 0
     while done < sweeps and bool(active.any()):
         blocks = refine_blocks(n, block, done)
@@ -241,10 +257,11 @@ def refine_codes(
                     s_t, z_t = (s_t.flip(1), z_t.flip(1)) if per_column else (s_t, z_t)
                 if k not in err:
                     err[k] = torch.empty(g, k, r, dtype=w.dtype, device=w.device)
+                    values[k] = tuple(torch.empty(g, r, k, dtype=w.dtype, device=w.device) for _ in range(2))
                 quantize_block(target_t, u_b, s_t, z_t, maxq, columns[k], new[..., :k], err[k], 0)
                 grid_b = (scale[..., a:b], zero[..., a:b]) if per_column else (scale, zero)
-                q_new = dequantize_codes(new[..., :k], *grid_b)
-                d = q_new - q_b
+                q_new, d = values[k]
+                block_delta(new[..., :k], *grid_b, q_b, q_new, d)
                 change = (d * torch.baddbmm(res_b, d, h[:, a:b, a:b], beta=2)).sum(-1)  # [G, r]
                 accept_steps(change, floor, d, new[..., :k], q_new, pending[..., a - c0 : b - c0], codes[..., a:b],
                              q_b, objective)

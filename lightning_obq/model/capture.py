@@ -7,6 +7,7 @@ calls it per memory chunk (`chunks_by_memory`), `capture_hessians` once for reus
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +31,8 @@ from lightning_obq.model.state import module_mode
 PIECE_BYTES = 16 * 2**20
 """Largest quantized-layer output one CPU forward pass should produce (see `forward_pieces`)."""
 
+log = logging.getLogger(__name__)
+
 MIN_PIECE_SAMPLES = 8
 """Fewest samples per piece `forward_pieces` cuts a batch into (BatchNorm re-estimation runs on the pieces)."""
 
@@ -39,10 +42,24 @@ class _StopForward(Exception):
 
 
 def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
-    """Conv/Linear layers selected by the config's types and include/exclude name patterns."""
+    """Conv/Linear layers selected by the config's types and include/exclude name patterns.
+
+    The projections of ``nn.MultiheadAttention`` are not among them, with a warning naming the module: torch runs
+    them inside ``F.multi_head_attention_forward`` from the raw weights (``in_proj_weight`` is not even a
+    Linear, and ``out_proj``'s forward is never called), so no hook sees their inputs and they stay in float.
+    """
+    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        shown = ", ".join(repr(n) for n in attention[:4]) + (", ..." if len(attention) > 4 else "")
+        log.warning("%d nn.MultiheadAttention module(s) stay in float (%s): torch computes their input and output "
+                    "projections inside F.multi_head_attention_forward, where no layer input can be captured; "
+                    "only the model's other Linear/Conv layers are quantized", len(attention), shown)
+    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n in attention}
     layers = {}
     for name, module in model.named_modules():
         if not isinstance(module, config.module_types) or getattr(module, "weight", None) is None:
+            continue
+        if name in inside_attention:
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             continue

@@ -11,6 +11,9 @@ from typing import Any
 
 from lightning_obq.extras import require_extra
 
+FINISHED = "finished.json"
+"""Written into a run's directory by `train_detector` once its training returned: the settings it was trained with."""
+
 
 def train_detector(
     model_yaml: str | os.PathLike,
@@ -55,10 +58,6 @@ def train_detector(
         raise RuntimeError(f"training {model_yaml} finished without writing {best}")
     (run / FINISHED).write_text(key_src)
     return best
-
-
-FINISHED = "finished.json"
-"""Written into a run's directory by `train_detector` once its training returned: the settings it was trained with."""
 
 
 def finished_run(run: str | os.PathLike) -> bool:

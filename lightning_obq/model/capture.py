@@ -48,18 +48,18 @@ def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
     them inside ``F.multi_head_attention_forward`` from the raw weights (``in_proj_weight`` is not even a
     Linear, and ``out_proj``'s forward is never called), so no hook sees their inputs and they stay in float.
     """
-    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    attention = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     if attention:
-        shown = ", ".join(repr(n) for n in attention[:4]) + (", ..." if len(attention) > 4 else "")
+        shown = ", ".join(repr(n) for n in list(attention)[:4]) + (", ..." if len(attention) > 4 else "")
         log.warning("%d nn.MultiheadAttention module(s) stay in float (%s): torch computes their input and output "
                     "projections inside F.multi_head_attention_forward, where no layer input can be captured; "
                     "only the model's other Linear/Conv layers are quantized", len(attention), shown)
-    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n in attention}
+    inside_attention = {m.out_proj for m in attention.values()}
     layers = {}
     for name, module in model.named_modules():
         if not isinstance(module, config.module_types) or getattr(module, "weight", None) is None:
             continue
-        if name in inside_attention:
+        if module in inside_attention:
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             continue

@@ -48,6 +48,7 @@ from lightning_obq.export.modules import (
     pack_module,
 )
 from lightning_obq.export.packing import pack_codes
+from lightning_obq.model.attention import AttentionProjection, find_projection
 from lightning_obq.model.quantize import model_size_mb
 from lightning_obq.model.report import QuantReport
 from lightning_obq.version import __version__
@@ -63,20 +64,35 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _weight_key(name: str) -> str:
+def _weight_key(model: nn.Module, name: str) -> str:
+    """The ``state_dict`` key of layer ``name``'s weight (an attention module's ``in_proj_weight`` for its input
+    projection, `lightning_obq.model.attention`)."""
+    projection = find_projection(model, name)
+    if projection is not None and projection.role == "in_proj":
+        return f"{name.rpartition('.')[0]}.{projection.state_key}".lstrip(".")
     return f"{name}.weight" if name else "weight"
 
 
 def _layer_module(model: nn.Module, name: str, where: str) -> nn.Module:
+    """Layer ``name`` of ``model``: its module, or for an attention module's input projection (a bare parameter)
+    the `AttentionProjection` that stands in for it."""
     try:
         module = model.get_submodule(name)
     except AttributeError as exc:
-        raise ValueError(f"{where}: layer {name!r} does not exist in {type(model).__name__}") from exc
+        module = find_projection(model, name)
+        if module is None:
+            raise ValueError(f"{where}: layer {name!r} does not exist in {type(model).__name__}") from exc
     if not isinstance(module, tuple(LAYER_TYPES.values())):
         raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not one of {list(LAYER_TYPES)}")
     if isinstance(module, PackedWeightMixin):
         raise ValueError(f"{where}: layer {name!r} already holds packed weights; use a freshly built model")
     return module
+
+
+def _packable(module: nn.Module) -> bool:
+    """Whether ``load_quantized(keep_packed=True)`` can keep the layer's codes packed: not an attention module's
+    input projection, which torch reads as a bare parameter (it is loaded as its dequantized float weight)."""
+    return not isinstance(module, AttentionProjection)
 
 
 def _layer_spec(name: str, module: nn.Module, r: LayerResult) -> LayerSpec:
@@ -159,7 +175,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, report: QuantRepor
         if perm is not None:
             tensors[prefix + "perm"] = perm.detach().cpu().to(torch.int32).contiguous()
         specs[name] = spec
-    quantized_keys = {_weight_key(n) for n in specs}
+    quantized_keys = {_weight_key(model, n) for n in specs}
     state = {}
     for key, value in model.state_dict().items():
         if key in quantized_keys:
@@ -288,7 +304,7 @@ def _check_against_model(art: QuantizedArtifact, model: nn.Module) -> dict[str, 
                              "in the file; convert the model's dtype before loading")
         modules[name] = module
     model_state = model.state_dict()
-    quantized_keys = {_weight_key(n) for n in art.layers}
+    quantized_keys = {_weight_key(model, n) for n in art.layers}
     wanted = {k: v for k, v in model_state.items() if k not in quantized_keys}
     state = art.header["state"]
     if set(wanted) != set(state):
@@ -317,25 +333,26 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, keep_packed: bool 
     ``keep_packed=False`` writes the dequantized weights into the normal modules (bitwise equal to the
     model `quantize_model` produced). ``keep_packed=True`` keeps codes packed in the layers
     (`PackedLinear`, `PackedConv2d`, ...; still instances of the original classes) and dequantizes on
-    each forward: same outputs, smaller resident memory.
+    each forward: same outputs, smaller resident memory. An attention module's input projection is the exception:
+    torch reads ``in_proj_weight`` as a bare parameter, so it is loaded as its dequantized float weight either way.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     art = read_quantized(path)
     modules = _check_against_model(art, model)
-    weights = {}
-    if not keep_packed:
-        weights = {_weight_key(n): dequantize_packed(*art.layer_tensors(n), spec) for n, spec in art.layers.items()}
+    packed = {n for n, m in modules.items() if keep_packed and _packable(m)}
+    weights = {_weight_key(model, n): dequantize_packed(*art.layer_tensors(n), spec)
+               for n, spec in art.layers.items() if n not in packed}
     # From here on nothing can fail on account of the file: shapes, keys and dtypes all match.
     state = art.state()
     state.update(weights)
-    result = model.load_state_dict(state, strict=not keep_packed)
-    if keep_packed:
-        expected_missing = {_weight_key(n) for n in art.layers}
+    result = model.load_state_dict(state, strict=not packed)
+    if packed:
+        expected_missing = {_weight_key(model, n) for n in packed}
         if set(result.missing_keys) != expected_missing or result.unexpected_keys:  # guarded by the checks above
             raise RuntimeError(f"unexpected state_dict mismatch while loading {art.path}: {result}")
-        for name, spec in art.layers.items():
-            pack_module(modules[name], *art.layer_tensors(name), spec)
+        for name in packed:
+            pack_module(modules[name], *art.layer_tensors(name), art.layers[name])
     log.info("loaded %d quantized layers from %s%s", len(art.layers), art.path, " (packed)" if keep_packed else "")
     return model
 

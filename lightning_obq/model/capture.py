@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from lightning_obq.core.config import QuantConfig
 from lightning_obq.core.hessian import HessianAccumulator, record_layer_inputs, weight_matrix
+from lightning_obq.model.attention import attention_layers
 from lightning_obq.model.calibration import (
     ForwardFn,
     batch_size,
@@ -44,22 +45,28 @@ class _StopForward(Exception):
 def find_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
     """Conv/Linear layers selected by the config's types and include/exclude name patterns.
 
-    The projections of ``nn.MultiheadAttention`` are not among them, with a warning naming the module: torch runs
-    them inside ``F.multi_head_attention_forward`` from the raw weights (``in_proj_weight`` is not even a
-    Linear, and ``out_proj``'s forward is never called), so no hook sees their inputs and they stay in float.
+    The projections of each ``nn.MultiheadAttention`` are among them as Linear layers named ``<attention>.in_proj``
+    and ``<attention>.out_proj`` (`lightning_obq.model.attention`): torch computes them from the raw weights,
+    where no hook on a layer sees an input, so they stand in for them. An attention module whose key and value
+    widths differ from the query's keeps its input projection in float, with a warning naming it.
     """
-    attention = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    if attention:
-        shown = ", ".join(repr(n) for n in list(attention)[:4]) + (", ..." if len(attention) > 4 else "")
-        log.warning("%d nn.MultiheadAttention module(s) stay in float (%s): torch computes their input and output "
-                    "projections inside F.multi_head_attention_forward, where no layer input can be captured; "
-                    "only the model's other Linear/Conv layers are quantized", len(attention), shown)
-    inside_attention = {m.out_proj for m in attention.values()}
-    layers = {}
+    separate = [name for name, m in model.named_modules()
+                if isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim]
+    if separate:
+        shown = ", ".join(repr(n) for n in separate[:4]) + (", ..." if len(separate) > 4 else "")
+        log.warning("%d nn.MultiheadAttention module(s) with kdim/vdim different from embed_dim keep their separate "
+                    "q/k/v input projections in float (%s); their output projections are quantized",
+                    len(separate), shown)
+    inside_attention = {m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    candidates: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            candidates.update(attention_layers(name, module))
+        elif module not in inside_attention:
+            candidates[name] = module
+    layers = {}
+    for name, module in candidates.items():
         if not isinstance(module, config.module_types) or getattr(module, "weight", None) is None:
-            continue
-        if module in inside_attention:
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             continue

@@ -185,23 +185,6 @@ def test_unused_layer_is_skipped_and_reported() -> None:
     assert report.skipped == ["unused"] and torch.equal(model.unused.weight, before)
 
 
-def test_multihead_attention_stays_in_float_with_a_warning_naming_it(caplog: pytest.LogCaptureFixture) -> None:
-    torch.manual_seed(0)
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
-    x = torch.randn(32, 8, 32)
-    attention = {n: copy.deepcopy(m.state_dict()) for n, m in model.named_modules()
-                 if isinstance(m, nn.MultiheadAttention)}
-    with caplog.at_level("WARNING", logger="lightning_obq"):
-        report = quantize_model(model, list(x.split(8)), QuantConfig(bits=4, progress=False))
-    assert [s.name for s in report.layers] == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
-    assert report.skipped == []  # out_proj is not selected at all, not "left without input"
-    message = " ".join(r.getMessage() for r in caplog.records)
-    assert "2 nn.MultiheadAttention module(s) stay in float ('layers.0.self_attn', 'layers.1.self_attn')" in message
-    for name, state in attention.items():
-        after = model.get_submodule(name).state_dict()
-        assert all(torch.equal(after[k], v) for k, v in state.items())
-
-
 def test_model_without_layers_empty_calibration_and_bad_types() -> None:
     with pytest.raises(ValueError, match="no layer to quantize"):
         quantize_model(nn.Sequential(nn.ReLU()), [torch.randn(2, 3)])

@@ -1,0 +1,160 @@
+"""The projections of ``nn.MultiheadAttention`` as layers the rest of the library can quantize.
+
+torch computes an attention module's input and output projections inside ``F.multi_head_attention_forward``
+from the raw weights: ``in_proj_weight`` is a bare parameter, and ``out_proj`` is a Linear whose own forward is
+never called. So no hook on them ever sees an input. `AttentionProjection` stands in for each of them: a Linear
+whose ``weight`` *is* the attention module's parameter (writing it writes the model), and whose forward hooks are
+hooks on the attention module that hand over the projection's input:
+
+* ``in_proj``: the query, which is also the key and the value in self-attention (the weight's three row blocks
+  all see it, so one Hessian serves the whole ``[3E, E]`` matrix). A module called for cross-attention gets no
+  input here, with a warning, and its input projection stays in float;
+* ``out_proj``: the heads' concatenated output, computed by running the attention module once more with an
+  identity output projection (one extra attention forward per calibration batch).
+
+Attention modules whose query, key and value have different widths (``kdim``/``vdim``, separate q/k/v weights)
+keep their input projection in float; their output projection is quantized like the others.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+log = logging.getLogger(__name__)
+
+ROLES = ("in_proj", "out_proj")
+
+_ARGUMENTS = inspect.signature(nn.MultiheadAttention.forward)
+_replaying = threading.local()  # set while `_heads_output` runs the attention module again
+
+
+class AttentionProjection(nn.Linear):
+    """One projection of ``attention`` (``role`` in `ROLES`) as a Linear layer for calibration and quantization.
+
+    It owns no parameters: ``weight`` and ``bias`` are the attention module's, so the model's ``state_dict`` is
+    unchanged and a quantized weight written here is in the model. It is never called; `register_forward_hook`
+    hooks the attention module instead and passes the hook ``(self, (projection input,), output)``, with the
+    projection's output for ``out_proj`` (the attention output before the batch-first transpose back) and None
+    for ``in_proj`` (nothing here needs it, and it would cost a product per call).
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, role: str, name: str = "") -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role == "in_proj" and not attention._qkv_same_embed_dim:
+            raise ValueError("an attention module with kdim/vdim different from embed_dim has separate q/k/v "
+                             "weights; its input projection is not supported")
+        nn.Module.__init__(self)
+        # Not a submodule: registering the attention module here would make it its own descendant.
+        object.__setattr__(self, "attention", attention)
+        self.role = role
+        self.name = name or role
+        self._warned = False
+        self.in_features = attention.embed_dim
+        self.out_features = self.weight.shape[0]
+
+    @property
+    def weight(self) -> nn.Parameter:  # type: ignore[override]
+        a = self.attention
+        return a.in_proj_weight if self.role == "in_proj" else a.out_proj.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:  # type: ignore[override]
+        a = self.attention
+        return a.in_proj_bias if self.role == "in_proj" else a.out_proj.bias
+
+    @property
+    def state_key(self) -> str:
+        """The weight's key in the attention module's ``state_dict``."""
+        return "in_proj_weight" if self.role == "in_proj" else "out_proj.weight"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def register_forward_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:  # type: ignore[override]
+        """Hook the attention module: ``hook(self, (x,), y)`` after each of its calls, with this projection's
+        input ``x`` (see the class docstring for ``y``). The hook's return value is ignored (the attention
+        module's output stays as it is); ``kwargs`` are those of `nn.Module.register_forward_hook`."""
+        kwargs.pop("with_kwargs", None)
+
+        def on_attention(module: nn.Module, args: tuple[Any, ...], call_kwargs: dict[str, Any], output: Any) -> None:
+            if getattr(_replaying, "active", False):
+                return
+            call = _ARGUMENTS.bind(module, *args, **call_kwargs)
+            call.apply_defaults()
+            if self.role == "in_proj":
+                query = _self_attention_input(call.arguments)
+                if query is not None:
+                    hook(self, (query,), None)
+                elif not self._warned:
+                    self._warned = True
+                    log.warning("%s is called with a key or value different from its query (cross-attention): its "
+                                "query, key and value rows see different inputs, so it gets no Hessian and stays "
+                                "in float", self.name)
+            else:
+                hook(self, (_heads_output(module, args, call_kwargs),), output[0])
+
+        return self.attention.register_forward_hook(on_attention, with_kwargs=True, **kwargs)
+
+    def register_forward_pre_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:  # type: ignore[override]
+        raise TypeError("AttentionProjection is never called; use register_forward_hook, which hooks the "
+                        "attention module and passes the projection's input")
+
+    def extra_repr(self) -> str:
+        return f"{self.role} of {type(self.attention).__name__}, " + super().extra_repr()
+
+
+def _self_attention_input(arguments: dict[str, Any]) -> torch.Tensor | None:
+    """The query if key and value are the same tensor (self-attention: one input for all three row blocks),
+    else None."""
+    query = arguments["query"]
+    for other in (arguments["key"], arguments["value"]):
+        if other is not query and not (other.shape == query.shape and torch.equal(other, query)):
+            return None
+    return query
+
+
+def _heads_output(attention: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The input of ``attention``'s output projection for one call: the call again, with that projection set to
+    the identity (``need_weights=False``: the weights are not needed, and torch then takes its fused kernel)."""
+    out = attention.out_proj
+    params = {"out_proj.weight": torch.eye(out.in_features, dtype=out.weight.dtype, device=out.weight.device)}
+    if out.bias is not None:
+        params["out_proj.bias"] = torch.zeros_like(out.bias)
+    _replaying.active = True
+    try:
+        with torch.no_grad():
+            heads, _ = torch.func.functional_call(attention, params, args, {**kwargs, "need_weights": False})
+    finally:
+        _replaying.active = False
+    return heads
+
+
+def attention_layers(name: str, attention: nn.MultiheadAttention) -> dict[str, AttentionProjection]:
+    """The quantizable projections of one attention module named ``name``: ``<name>.in_proj`` (when its query,
+    key and value share one width) and ``<name>.out_proj``."""
+    prefix = f"{name}." if name else ""
+    roles = ROLES if attention._qkv_same_embed_dim else ("out_proj",)
+    return {f"{prefix}{role}": AttentionProjection(attention, role, f"{prefix}{role}") for role in roles}
+
+
+def find_projection(model: nn.Module, name: str) -> AttentionProjection | None:
+    """The `AttentionProjection` that `attention_layers` names ``name`` in ``model``, or None if there is none."""
+    parent, _, role = name.rpartition(".")
+    if role not in ROLES:
+        return None
+    try:
+        attention = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    if not isinstance(attention, nn.MultiheadAttention):
+        return None
+    return attention_layers(parent, attention).get(name)

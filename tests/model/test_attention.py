@@ -1,0 +1,163 @@
+"""nn.MultiheadAttention's projections are quantized: the right inputs, the model's own parameters, every path."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_obq import QuantConfig, capture_hessians, load_quantized, quantize_model, save_quantized
+from lightning_obq.export.onnx import export_onnx
+from lightning_obq.model.capture import find_layers
+from lightning_obq.model.mixed import output_gains
+
+E, HEADS = 32, 4
+
+
+def encoder(batch_first: bool = True) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 64, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def tokens(batch_first: bool = True, batches: int = 4) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(8, 10, E) if batch_first else torch.randn(10, 8, E) for _ in range(batches)]
+
+
+class MaskedAttention(nn.Module):
+    """One self-attention module called with a causal mask, as a decoder-only block calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.triu(torch.full((x.shape[1], x.shape[1]), -math.inf), 1)
+        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def heads_by_hand(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The input of the output projection, written out: per-head softmax(q k^T / sqrt(d) + causal mask) v."""
+    b, n, _ = x.shape
+    d = E // HEADS
+    q, k, v = (x @ attn.in_proj_weight.T + attn.in_proj_bias).chunk(3, -1)
+    q, k, v = (t.reshape(b, n, HEADS, d).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d) + torch.triu(torch.full((n, n), -math.inf), 1)
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, E)
+
+
+def hessian_by_hand(inputs: list[torch.Tensor]) -> torch.Tensor:
+    x = torch.cat([t.reshape(-1, E) for t in inputs]).double()
+    return 2 * x.T @ x / x.shape[0]
+
+
+def test_projection_hessians_are_those_of_the_projection_inputs() -> None:
+    model = MaskedAttention().eval()
+    data = tokens()
+    layers = find_layers(model, QuantConfig())
+    assert list(layers) == ["attn.in_proj", "attn.out_proj"]
+    hessians = capture_hessians(model, data, QuantConfig(progress=False))
+    with torch.no_grad():
+        heads = [heads_by_hand(model.attn, x) for x in data]
+    for name, inputs in (("attn.in_proj", data), ("attn.out_proj", heads)):
+        got = hessians[name].hessian[0].double()
+        want = hessian_by_hand(inputs)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), name
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_projections_are_quantized_in_the_models_own_parameters(batch_first: bool) -> None:
+    model = encoder(batch_first)
+    data = tokens(batch_first)
+    keys = list(model.state_dict())
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        reference = [model(x) for x in data]
+    report = quantize_model(model, data, QuantConfig(bits=4, progress=False))
+    parts = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    names = [f"layers.{i}.{p}" for i in (0, 1) for p in parts]
+    assert [layer.name for layer in report.layers] == names and report.skipped == []
+    assert list(model.state_dict()) == keys  # nothing added to or renamed in the model
+    for i in (0, 1):
+        attn = model.layers[i].self_attn
+        for role, key in (("in_proj", "in_proj_weight"), ("out_proj", "out_proj.weight")):
+            weight = attn.get_parameter(key)
+            result = report.results[f"layers.{i}.self_attn.{role}"]
+            assert torch.equal(weight, result.weight.reshape_as(weight))
+            assert not torch.equal(weight, before[f"layers.{i}.self_attn.{key}"])
+            assert result.error < result.rtn_error
+    with torch.no_grad():
+        change = sum(float((model(x) - r).square().mean()) for x, r in zip(data, reference, strict=True))
+    assert 0 < change / len(data) < 0.01 * float(torch.stack(reference).var())
+
+
+def test_cross_attention_and_separate_kv_widths_keep_their_input_projection_in_float(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, HEADS, 64, dropout=0.0, batch_first=True), 1).eval()
+    memory = torch.randn(8, 6, E)
+    cross = decoder.layers[0].multihead_attn.in_proj_weight.clone()
+    with caplog.at_level("WARNING", logger="lightning_obq"):
+        report = quantize_model(decoder, [(x, memory) for x in tokens()], QuantConfig(progress=False),
+                                forward_fn=lambda m, batch: m(*batch))
+    assert "layers.0.multihead_attn.in_proj is called with a key or value different from its query" in caplog.text
+    assert report.skipped == ["layers.0.multihead_attn.in_proj"]
+    assert torch.equal(decoder.layers[0].multihead_attn.in_proj_weight, cross)
+    assert {"layers.0.self_attn.in_proj", "layers.0.multihead_attn.out_proj"} <= set(report.results)
+
+    class Separate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.keys = nn.Linear(E, 16)
+            self.attn = nn.MultiheadAttention(E, HEADS, kdim=16, vdim=16, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            k = self.keys(x)
+            return self.attn(x, k, k, need_weights=False)[0]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_obq"):
+        report = quantize_model(Separate().eval(), tokens(), QuantConfig(progress=False))
+    assert "1 nn.MultiheadAttention module(s) with kdim/vdim different from embed_dim" in caplog.text
+    assert set(report.results) == {"keys", "attn.out_proj"}
+
+
+def test_attention_layers_take_the_measured_gain_under_the_first_order_estimate() -> None:
+    model = encoder()
+    data = tokens()
+    report = quantize_model(copy.deepcopy(model), data, QuantConfig(bits=3, progress=False))
+    layers = find_layers(model, QuantConfig())
+    quantized = {n: r.weight.reshape(layers[n].weight.shape) for n, r in report.results.items()}
+    errors = {n: r.error for n, r in report.results.items()}
+    exact = output_gains(model, layers, quantized, errors, data, method="exact")
+    linear = output_gains(model, layers, quantized, errors, data, method="linear")
+    for name in layers:
+        if ".self_attn." in name:
+            assert linear[name] == exact[name] > 0, name
+        else:
+            assert linear[name] > 0 and linear[name] != exact[name], name
+    mixed = quantize_model(copy.deepcopy(model), data, QuantConfig(bits=4, budget=3.5, gains="linear", progress=False))
+    assert set(mixed.results) == set(layers) and mixed.allocation["average_bits"] <= 3.5
+
+
+def test_quantized_attention_saves_loads_and_exports(tmp_path: Path) -> None:
+    model = encoder()
+    data = tokens()
+    report = quantize_model(model, data, QuantConfig(bits=4, progress=False))
+    path = save_quantized(model, tmp_path / "encoder.safetensors", report)
+    for keep_packed in (False, True):
+        fresh = load_quantized(path, encoder(), keep_packed=keep_packed)
+        with torch.no_grad():
+            assert all(torch.equal(fresh(x), model(x)) for x in data), keep_packed
+    onnx = pytest.importorskip("onnx")
+    out = export_onnx(model, data[0], tmp_path / "encoder.onnx", report)  # checked against onnxruntime
+    integer = [i for i in onnx.load(str(out)).graph.initializer
+               if i.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)]
+    assert len(integer) >= len(report.results)

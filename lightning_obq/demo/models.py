@@ -1,4 +1,5 @@
-"""The demo's models: a small ResNet, a MobileNetV2-style CNN, and a LightningModule that trains any classifier."""
+"""The demo's models: a small ResNet, a MobileNetV2-style CNN, a small vision transformer, and a LightningModule
+that trains any classifier."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
 from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.vision_transformer import VisionTransformer
 
 
 class BasicBlock(nn.Module):
@@ -103,11 +105,31 @@ class MobileNetV2Small(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"smallresnet": SmallResNet, "mobilenetv2": MobileNetV2Small}
+class SmallViT(VisionTransformer):
+    """torchvision's `VisionTransformer` sized for 28x28 images: 7x7 patches (16 tokens and a class token), four
+    encoder blocks of 4-head self-attention (``nn.MultiheadAttention``) and an MLP, ``2 * width`` wide.
+
+    The transformer of the demo: its attention projections are the layers torch computes from raw weights
+    (`lightning_obq.model.attention`). The patch embedding takes ``in_channels`` (torchvision's takes 3).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
+        if min(num_classes, in_channels, width) < 1:
+            raise ValueError(
+                f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}"
+            )
+        dim = 2 * width
+        super().__init__(image_size=28, patch_size=7, num_layers=4, num_heads=4, hidden_dim=dim, mlp_dim=2 * dim,
+                         dropout=0.0, attention_dropout=0.0, num_classes=num_classes)
+        self.conv_proj = nn.Conv2d(in_channels, dim, kernel_size=7, stride=7)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"smallresnet": SmallResNet, "mobilenetv2": MobileNetV2Small,
+                                             "smallvit": SmallViT}
 
 
 def build_network(arch: str = "smallresnet", num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
-    """One of the demo networks by name (``"smallresnet"`` or ``"mobilenetv2"``)."""
+    """One of the demo networks by name (``"smallresnet"``, ``"mobilenetv2"`` or ``"smallvit"``)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is not one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](num_classes, in_channels, width)

@@ -82,16 +82,14 @@ class AttentionProjection(nn.Linear):
     def register_forward_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:  # type: ignore[override]
         """Hook the attention module: ``hook(self, (x,), y)`` after each of its calls, with this projection's
         input ``x`` (see the class docstring for ``y``). The hook's return value is ignored (the attention
-        module's output stays as it is); ``kwargs`` are those of `nn.Module.register_forward_hook`."""
-        kwargs.pop("with_kwargs", None)
+        module's output stays as it is); ``kwargs`` (``prepend``, ``always_call``) go to the attention module's
+        `nn.Module.register_forward_hook`."""
 
         def on_attention(module: nn.Module, args: tuple[Any, ...], call_kwargs: dict[str, Any], output: Any) -> None:
             if getattr(_replaying, "active", False):
                 return
-            call = _ARGUMENTS.bind(module, *args, **call_kwargs)
-            call.apply_defaults()
             if self.role == "in_proj":
-                query = _self_attention_input(call.arguments)
+                query = _self_attention_input(_ARGUMENTS.bind(module, *args, **call_kwargs).arguments)
                 if query is not None:
                     hook(self, (query,), None)
                 elif not self._warned:

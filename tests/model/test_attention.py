@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from lightning_obq import QuantConfig, capture_hessians, load_quantized, quantize_model, save_quantized
 from lightning_obq.export.onnx import export_onnx
+from lightning_obq.model.attention import find_projection
 from lightning_obq.model.capture import find_layers
 from lightning_obq.model.mixed import output_gains
 
@@ -161,3 +162,35 @@ def test_quantized_attention_saves_loads_and_exports(tmp_path: Path) -> None:
     integer = [i for i in onnx.load(str(out)).graph.initializer
                if i.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)]
     assert len(integer) >= len(report.results)
+
+
+def test_callback_quantizes_a_vision_transformer_after_fit(tmp_path: Path) -> None:
+    """User path 1 on a transformer: the demo's SmallViT (torchvision's VisionTransformer) fitted by a real
+    Trainer with OBQCallback; its attention weights end on the grid and the CSV log names the projections."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from support import make_trainer, most_values_per_grid, read_csv_metrics, tiny_dataset
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_obq import OBQCallback
+    from lightning_obq.demo.models import ImageClassifier
+
+    def images(seed: int) -> DataLoader:
+        x, y = tiny_dataset(128, seed).tensors
+        return DataLoader(TensorDataset(nn.functional.interpolate(x, size=28), y), batch_size=32)
+
+    pl.seed_everything(0)
+    module = ImageClassifier(num_classes=4, arch="smallvit", width=8, lr=3e-3)
+    callback = OBQCallback(config=QuantConfig(bits=4, budget=3.5, calib_samples=64))
+    logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(tmp_path, [callback], max_epochs=1, logger=logger).fit(module, images(0), images(1))
+    report = callback.report
+    projections = [n for n in report.results if n.endswith(("in_proj", "out_proj"))]
+    assert len(projections) == 8 and report.skipped == []
+    logged = read_csv_metrics(Path(logger.log_dir) / "metrics.csv")
+    for name in projections:
+        assert logged[f"obq/layer/{name}/bits"] == report.allocation["layers"][name]["bits"]
+        weight = find_projection(module, name).weight  # the attention module's own parameter
+        assert torch.equal(weight, report.results[name].weight.reshape_as(weight))
+        assert most_values_per_grid(weight, None) <= 2 ** report.results[name].bits
+    assert "obq/val_acc" in logged and "val_acc" in logged

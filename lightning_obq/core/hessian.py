@@ -24,8 +24,9 @@ _PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.L
 
 
 def layer_groups(module: nn.Module) -> int:
-    """Number of independent weight matrices of a layer (conv groups, 1 for Linear)."""
-    return module.groups if isinstance(module, ConvNd) else 1
+    """Number of independent weight matrices of a layer: a conv's groups; for a Linear 1, or its ``groups`` when it
+    has row blocks with inputs of their own (an attention module's query, key and value rows)."""
+    return module.groups if isinstance(module, ConvNd) else getattr(module, "groups", 1)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -93,12 +94,17 @@ def _conv_columns(
 def layer_columns(module: nn.Module, x: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Layer input as ``[G, d_col, N]`` columns such that the output is ``W @ X`` per group.
 
+    A grouped Linear's input holds each group's own input stacked on the second-to-last axis, ``[..., G, d_col]``.
+
     ``buffer`` (flat, the input's dtype) may receive a conv's patches instead of a new tensor.
     """
     if isinstance(module, ConvNd):
         return _conv_columns(module, x, buffer)
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
+        g = layer_groups(module)
+        if g == 1:
+            return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
+        return x.reshape(-1, g, x.shape[-1]).permute(1, 2, 0)  # [..., G, d_col]: each group's input, stacked
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 

@@ -6,9 +6,10 @@ never called. So no hook on them ever sees an input. `AttentionProjection` stand
 whose ``weight`` *is* the attention module's parameter (writing it writes the model), and whose forward hooks are
 hooks on the attention module that hand over the projection's input:
 
-* ``in_proj``: the query, which is also the key and the value in self-attention (the weight's three row blocks
-  all see it, so one Hessian serves the whole ``[3E, E]`` matrix). A module called for cross-attention gets no
-  input here, with a warning, and its input projection stays in float;
+* ``in_proj``: the weight's three row blocks as three groups, each with its own input and Hessian: the query for
+  the query rows, the key and the value for theirs (the same tensor in self-attention; in DETR-style attention the
+  query and key carry a positional embedding and the value does not). A module called with a key and value of
+  another length than the query gets no input here, with a warning, and its input projection stays in float;
 * ``out_proj``: the heads' concatenated output, computed by running the attention module once more with an
   identity output projection (one extra attention forward per calibration batch).
 
@@ -33,17 +34,18 @@ log = logging.getLogger(__name__)
 ROLES = ("in_proj", "out_proj")
 
 _ARGUMENTS = inspect.signature(nn.MultiheadAttention.forward)
-_replaying = threading.local()  # set while `_heads_output` runs the attention module again
+_replaying = threading.local()  # set while `_replay` runs the attention module again
 
 
 class AttentionProjection(nn.Linear):
     """One projection of ``attention`` (``role`` in `ROLES`) as a Linear layer for calibration and quantization.
 
     It owns no parameters: ``weight`` and ``bias`` are the attention module's, so the model's ``state_dict`` is
-    unchanged and a quantized weight written here is in the model. It is never called; `register_forward_hook`
-    hooks the attention module instead and passes the hook ``(self, (projection input,), output)``, with the
-    projection's output for ``out_proj`` (the attention output before the batch-first transpose back) and None
-    for ``in_proj`` (nothing here needs it, and it would cost a product per call).
+    unchanged and a quantized weight written here is in the model. The input projection has ``groups = 3``: its
+    query, key and value rows are solved as three matrices, each for its own input. It is never called;
+    `register_forward_hook` hooks the attention module instead and passes the hook ``(self, (projection input,),
+    output)``, with the projection's output for ``out_proj`` (the attention output) and None for ``in_proj``
+    (nothing here needs it, and it would cost a product per call).
     """
 
     def __init__(self, attention: nn.MultiheadAttention, role: str, name: str = "") -> None:
@@ -60,6 +62,7 @@ class AttentionProjection(nn.Linear):
         self._warned = False
         self.in_features = attention.embed_dim
         self.out_features = self.weight.shape[0]
+        self.groups = 3 if role == "in_proj" else 1  # query, key and value rows: `layer_groups`
 
     @property
     def weight(self) -> nn.Parameter:  # type: ignore[override]
@@ -86,21 +89,30 @@ class AttentionProjection(nn.Linear):
         `nn.Module.register_forward_hook`."""
 
         def on_attention(module: nn.Module, args: tuple[Any, ...], call_kwargs: dict[str, Any], output: Any) -> None:
-            if getattr(_replaying, "active", False):
+            if replaying():
                 return
             if self.role == "in_proj":
-                query = _self_attention_input(_ARGUMENTS.bind(module, *args, **call_kwargs).arguments)
-                if query is not None:
-                    hook(self, (query,), None)
+                inputs = _projection_inputs(_ARGUMENTS.bind(module, *args, **call_kwargs).arguments)
+                if inputs is not None:
+                    hook(self, (inputs,), None)
                 elif not self._warned:
                     self._warned = True
-                    log.warning("%s is called with a key or value different from its query (cross-attention): its "
-                                "query, key and value rows see different inputs, so it gets no Hessian and stays "
-                                "in float", self.name)
+                    log.warning("%s is called with a key and value of another length than its query: its query, key "
+                                "and value rows need Hessians of as many inputs each, so it gets none and stays in "
+                                "float", self.name)
             else:
                 hook(self, (_heads_output(module, args, call_kwargs),), output[0])
 
         return self.attention.register_forward_hook(on_attention, with_kwargs=True, **kwargs)
+
+    def response(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor,
+                 delta: torch.Tensor) -> torch.Tensor:
+        """How much the attention module's output of one call (``args``/``kwargs``, its output ``output``) moves
+        when this projection's weight changes by ``delta``: exactly ``heads @ delta^T`` for ``out_proj`` (the
+        output is linear in it), the call again with ``weight + delta`` minus ``output`` for ``in_proj``."""
+        if self.role == "out_proj":
+            return nn.functional.linear(_heads_output(self.attention, args, kwargs), delta)
+        return _replay(self.attention, {"in_proj_weight": self.weight.detach() + delta}, args, kwargs) - output
 
     def register_forward_pre_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:  # type: ignore[override]
         raise TypeError("AttentionProjection is never called; use register_forward_hook, which hooks the "
@@ -110,30 +122,41 @@ class AttentionProjection(nn.Linear):
         return f"{self.role} of {type(self.attention).__name__}, " + super().extra_repr()
 
 
-def _self_attention_input(arguments: dict[str, Any]) -> torch.Tensor | None:
-    """The query if key and value are the same tensor (self-attention: one input for all three row blocks),
-    else None."""
-    query = arguments["query"]
-    for other in (arguments["key"], arguments["value"]):
-        if other is not query and not (other.shape == query.shape and torch.equal(other, query)):
-            return None
-    return query
+def _projection_inputs(arguments: dict[str, Any]) -> torch.Tensor | None:
+    """Query, key and value stacked as ``[..., 3, E]``: each row block's input (`layer_columns` of a grouped
+    Linear), or None if the key and value do not have the query's shape."""
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    if key.shape != query.shape or value.shape != query.shape:
+        return None
+    return torch.stack([query, key, value], dim=-2)
+
+
+def replaying() -> bool:
+    """Whether the current attention call is one of this module's own replays (hooks should let it pass)."""
+    return getattr(_replaying, "active", False)
+
+
+def _replay(attention: nn.MultiheadAttention, params: dict[str, torch.Tensor], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> torch.Tensor:
+    """The attention output of one call made again with some parameters replaced (``need_weights=False``: the
+    weights are not needed, and torch then takes its fused kernel), without gradients or our hooks."""
+    _replaying.active = True
+    try:
+        with torch.no_grad():
+            out, _ = torch.func.functional_call(attention, params, args, {**kwargs, "need_weights": False})
+    finally:
+        _replaying.active = False
+    return out
 
 
 def _heads_output(attention: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The input of ``attention``'s output projection for one call: the call again, with that projection set to
-    the identity (``need_weights=False``: the weights are not needed, and torch then takes its fused kernel)."""
+    """The input of ``attention``'s output projection for one call: the call again with that projection set to
+    the identity."""
     out = attention.out_proj
     params = {"out_proj.weight": torch.eye(out.in_features, dtype=out.weight.dtype, device=out.weight.device)}
     if out.bias is not None:
         params["out_proj.bias"] = torch.zeros_like(out.bias)
-    _replaying.active = True
-    try:
-        with torch.no_grad():
-            heads, _ = torch.func.functional_call(attention, params, args, {**kwargs, "need_weights": False})
-    finally:
-        _replaying.active = False
-    return heads
+    return _replay(attention, params, args, kwargs)
 
 
 def attention_layers(name: str, attention: nn.MultiheadAttention) -> dict[str, AttentionProjection]:

@@ -23,9 +23,10 @@ moves the output by about ``J_l u_l`` (``u_l``: the layer's own output change, `
 the model output with respect to the layer output), and for a Gaussian probe ``r``,
 ``E[(r . J_l u_l)^2] = ||J_l u_l||^2`` with ``r . J_l u_l = (J_l^T r) . u_l``: one backward pass of ``r . f``
 gives that product for every layer at once (Hutchinson's estimator). A few probes per batch cost a few
-forward-equivalents whatever the number of layers (an attention module's projections, whose outputs torch
-computes outside the graph of layer outputs, are measured exactly all the same). It ignores how the layer's
-error is bent by the nonlinearities after it, so it is kept for networks where the exact measurement is too costly. The
+forward-equivalents whatever the number of layers. An attention module's projections have no output tensor of
+their own in the graph (torch computes them inside the attention function), so for them ``u_l`` and ``J_l`` are
+taken at the attention module's output (`AttentionProjection.response`). It ignores how the layer's error is
+bent by the nonlinearities after it, so it is kept for networks where the exact measurement is too costly. The
 allocation is still checked by measuring it against uniform (see `lightning_obq.model.quantize`), which does
 not rely on this approximation.
 
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lightning_obq.model.attention import AttentionProjection
+from lightning_obq.model.attention import AttentionProjection, replaying
 from lightning_obq.model.batchnorm import batchnorm_layers
 from lightning_obq.model.calibration import (
     ForwardFn,
@@ -199,18 +200,12 @@ def output_gains(
     names = list(layers)
     if method == "auto":
         method = "linear" if len(names) > EXACT_GAIN_LAYERS else "exact"
-    # An attention projection's output is not a tensor of the autograd graph (torch computes it inside the
-    # attention function): the first-order estimate cannot reach it, so it is always measured.
-    exact = names if method != "linear" else [n for n in names if isinstance(layers[n], AttentionProjection)]
-    measured: dict[str, float] = {}
-    if exact:
-        changes = output_changes(model, layers, [{n: quantized[n]} for n in exact], batches, forward_fn)
-        measured = dict(zip(exact, changes, strict=True))
-    if len(exact) < len(names):
-        first_order = {n: m for n, m in layers.items() if n not in measured}
-        measured |= linear_output_changes(model, first_order, quantized, draw_batches(batches, LINEAR_GAIN_SAMPLES),
+    if method == "linear":
+        estimated = linear_output_changes(model, layers, quantized, draw_batches(batches, LINEAR_GAIN_SAMPLES),
                                           forward_fn)
-    changes = [measured[n] for n in names]
+        changes = [estimated[n] for n in names]
+    else:
+        changes = output_changes(model, layers, [{n: quantized[n]} for n in names], batches, forward_fn)
     return {n: change / layer_errors[n] if layer_errors[n] > 0 else 0.0
             for n, change in zip(names, changes, strict=True)}
 
@@ -266,9 +261,24 @@ def linear_output_changes(
         outputs[name] = output
         return output.clone()  # later in-place ops (ReLU(inplace=True)) must not alter the tensor we differentiate
 
+    def attention_hook(name: str, projection: AttentionProjection) -> Callable[..., Any]:
+        def call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if replaying():
+                return None
+            responses[name] = projection.response(args, kwargs, output[0].detach(), deltas[name])
+            outputs[name] = output[0]
+            return (output[0].clone(), *output[1:])
+
+        return call
+
+    def register(name: str, m: nn.Module) -> Any:
+        if isinstance(m, AttentionProjection):  # hooked where its response shows: the attention module's output
+            return m.attention.register_forward_hook(attention_hook(name, m), with_kwargs=True)
+        return m.register_forward_hook(hook)
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        with removed_after([m.register_forward_hook(hook) for m in layers.values()]):
+        with removed_after([register(n, m) for n, m in layers.items()]):
             for m in layers.values():
                 m.weight.requires_grad_(True)  # so every layer output is part of the graph
             for batch in batches:

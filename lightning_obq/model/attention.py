@@ -79,9 +79,6 @@ class AttentionProjection(nn.Linear):
         """The weight's key in the attention module's ``state_dict``."""
         return "in_proj_weight" if self.role == "in_proj" else "out_proj.weight"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
-
     def register_forward_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:  # type: ignore[override]
         """Hook the attention module: ``hook(self, (x,), y)`` after each of its calls, with this projection's
         input ``x`` (see the class docstring for ``y``). The hook's return value is ignored (the attention
@@ -140,10 +137,12 @@ def _replay(attention: nn.MultiheadAttention, params: dict[str, torch.Tensor], a
             kwargs: dict[str, Any]) -> torch.Tensor:
     """The attention output of one call made again with some parameters replaced (``need_weights=False``: the
     weights are not needed, and torch then takes its fused kernel), without gradients or our hooks."""
+    call = _ARGUMENTS.bind(attention, *args, **kwargs)
+    call.arguments["need_weights"] = False  # however the caller passed it
     _replaying.active = True
     try:
         with torch.no_grad():
-            out, _ = torch.func.functional_call(attention, params, args, {**kwargs, "need_weights": False})
+            out, _ = torch.func.functional_call(attention, params, call.args[1:], call.kwargs)
     finally:
         _replaying.active = False
     return out

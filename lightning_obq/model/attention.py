@@ -8,8 +8,8 @@ hooks on the attention module that hand over the projection's input:
 
 * ``in_proj``: the weight's three row blocks as three groups, each with its own input and Hessian: the query for
   the query rows, the key and the value for theirs (the same tensor in self-attention; in DETR-style attention the
-  query and key carry a positional embedding and the value does not). A module called with a key and value of
-  another length than the query gets no input here, with a warning, and its input projection stays in float;
+  query and key carry a positional embedding and the value does not; in cross-attention the key and value are
+  the memory, of its own length);
 * ``out_proj``: the heads' concatenated output, computed by running the attention module once more with an
   identity output projection (one extra attention forward per calibration batch).
 
@@ -20,7 +20,7 @@ keep their input projection in float; their output projection is quantized like 
 from __future__ import annotations
 
 import inspect
-import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +28,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
-
-log = logging.getLogger(__name__)
 
 ROLES = ("in_proj", "out_proj")
 
@@ -48,7 +46,7 @@ class AttentionProjection(nn.Linear):
     (nothing here needs it, and it would cost a product per call).
     """
 
-    def __init__(self, attention: nn.MultiheadAttention, role: str, name: str = "") -> None:
+    def __init__(self, attention: nn.MultiheadAttention, role: str) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if role == "in_proj" and not attention._qkv_same_embed_dim:
@@ -58,8 +56,6 @@ class AttentionProjection(nn.Linear):
         # Not a submodule: registering the attention module here would make it its own descendant.
         object.__setattr__(self, "attention", attention)
         self.role = role
-        self.name = name or role
-        self._warned = False
         self.in_features = attention.embed_dim
         self.out_features = self.weight.shape[0]
         self.groups = 3 if role == "in_proj" else 1  # query, key and value rows: `layer_groups`
@@ -89,14 +85,7 @@ class AttentionProjection(nn.Linear):
             if replaying():
                 return
             if self.role == "in_proj":
-                inputs = _projection_inputs(_ARGUMENTS.bind(module, *args, **call_kwargs).arguments)
-                if inputs is not None:
-                    hook(self, (inputs,), None)
-                elif not self._warned:
-                    self._warned = True
-                    log.warning("%s is called with a key and value of another length than its query: its query, key "
-                                "and value rows need Hessians of as many inputs each, so it gets none and stays in "
-                                "float", self.name)
+                hook(self, (_projection_inputs(module, _ARGUMENTS.bind(module, *args, **call_kwargs).arguments),), None)
             else:
                 hook(self, (_heads_output(module, args, call_kwargs),), output[0])
 
@@ -119,13 +108,23 @@ class AttentionProjection(nn.Linear):
         return f"{self.role} of {type(self.attention).__name__}, " + super().extra_repr()
 
 
-def _projection_inputs(arguments: dict[str, Any]) -> torch.Tensor | None:
+def _projection_inputs(attention: nn.MultiheadAttention, arguments: dict[str, Any]) -> torch.Tensor:
     """Query, key and value stacked as ``[..., 3, E]``: each row block's input (`layer_columns` of a grouped
-    Linear), or None if the key and value do not have the query's shape."""
+    Linear). A key and value of another length than the query (cross-attention to a memory) are brought to the
+    longer length with zero positions, and each input is scaled by ``sqrt(longer / own length)``: the Hessian's
+    running mean over the padded positions is then exactly each block's mean over its own positions (for inputs
+    of varying lengths, each call weighs in with the longer of its two lengths)."""
     query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    if key.shape != query.shape or value.shape != query.shape:
-        return None
-    return torch.stack([query, key, value], dim=-2)
+    if key.shape == query.shape and value.shape == query.shape:
+        return torch.stack([query, key, value], dim=-2)
+    axis = 1 if attention.batch_first and query.dim() == 3 else 0  # the sequence axis
+    longest = max(query.shape[axis], key.shape[axis])
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        pad = [0, 0] * (x.dim() - 1 - axis) + [0, longest - x.shape[axis]]
+        return nn.functional.pad(x * math.sqrt(longest / x.shape[axis]), pad)
+
+    return torch.stack([padded(query), padded(key), padded(value)], dim=-2)
 
 
 def replaying() -> bool:
@@ -163,7 +162,7 @@ def attention_layers(name: str, attention: nn.MultiheadAttention) -> dict[str, A
     key and value share one width) and ``<name>.out_proj``."""
     prefix = f"{name}." if name else ""
     roles = ROLES if attention._qkv_same_embed_dim else ("out_proj",)
-    return {f"{prefix}{role}": AttentionProjection(attention, role, f"{prefix}{role}") for role in roles}
+    return {f"{prefix}{role}": AttentionProjection(attention, role) for role in roles}
 
 
 def find_projection(model: nn.Module, name: str) -> AttentionProjection | None:

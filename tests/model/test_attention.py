@@ -109,27 +109,32 @@ def test_attention_projections_are_quantized_in_the_models_own_parameters(batch_
     assert 0 < change / len(data) < 0.01 * float(torch.stack(reference).var())
 
 
-def test_cross_attention_of_another_length_and_separate_kv_widths_keep_their_input_projection_in_float(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+@pytest.mark.parametrize("memory_length", [10, 6, 13])
+def test_cross_attention_rows_get_the_hessians_of_the_query_and_the_memory(memory_length: int) -> None:
+    """A decoder's cross-attention reads a memory of its own length: the key and value rows get its Hessian."""
     torch.manual_seed(0)
-    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, HEADS, 64, dropout=0.0, batch_first=True), 1).eval()
-    for length in (10, 6):  # a memory as long as the target, then a shorter one
-        model = copy.deepcopy(decoder)
-        cross = model.layers[0].multihead_attn.in_proj_weight.clone()
-        memory = torch.randn(8, length, E)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="lightning_obq"):
-            report = quantize_model(model, [(x, memory) for x in tokens()], QuantConfig(progress=False),
-                                    forward_fn=lambda m, batch: m(*batch))
-        assert {"layers.0.self_attn.in_proj", "layers.0.multihead_attn.out_proj"} <= set(report.results)
-        if length == 10:
-            assert report.skipped == [] and "layers.0.multihead_attn.in_proj" in report.results
-            continue
-        assert "layers.0.multihead_attn.in_proj is called with a key and value of another length" in caplog.text
-        assert report.skipped == ["layers.0.multihead_attn.in_proj"]
-        assert torch.equal(model.layers[0].multihead_attn.in_proj_weight, cross)
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, HEADS, 64, dropout=0.0), 1).eval()  # seq-first
+    queries = [torch.randn(10, 8, E) for _ in range(3)]
+    memories = [torch.randn(memory_length, 8, E) for _ in range(3)]
+    batches = list(zip(queries, memories, strict=True))
+    config = QuantConfig(progress=False)
+    hessians = capture_hessians(decoder, batches, config, forward_fn=lambda m, batch: m(*batch))
+    with torch.no_grad():  # the cross-attention's query: the target after the self-attention block
+        layer = decoder.layers[0]
+        targets = [layer.norm1(x + layer._sa_block(x, None, None)) for x in queries]
+    got = hessians["layers.0.multihead_attn.in_proj"].hessian.double()
+    for g, inputs in enumerate((targets, memories, memories)):
+        want = hessian_by_hand(inputs)
+        assert torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), g
+    model = copy.deepcopy(decoder)
+    report = quantize_model(model, batches, config, forward_fn=lambda m, batch: m(*batch))
+    assert report.skipped == [] and {"layers.0.self_attn.in_proj", "layers.0.multihead_attn.in_proj"} <= set(
+        report.results)
+    cross = model.layers[0].multihead_attn.in_proj_weight
+    assert not torch.equal(cross, decoder.layers[0].multihead_attn.in_proj_weight)
 
+
+def test_separate_kv_widths_keep_their_input_projection_in_float(caplog: pytest.LogCaptureFixture) -> None:
     class Separate(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -140,7 +145,6 @@ def test_cross_attention_of_another_length_and_separate_kv_widths_keep_their_inp
             k = self.keys(x)
             return self.attn(x, k, k, need_weights=False)[0]
 
-    caplog.clear()
     with caplog.at_level("WARNING", logger="lightning_obq"):
         report = quantize_model(Separate().eval(), tokens(), QuantConfig(progress=False))
     assert "1 nn.MultiheadAttention module(s) with kdim/vdim different from embed_dim" in caplog.text

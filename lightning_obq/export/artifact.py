@@ -42,7 +42,7 @@ from lightning_obq.core.layer import LayerResult
 from lightning_obq.export.modules import (
     DTYPES,
     LayerSpec,
-    PackedWeightMixin,
+    PackedMixin,
     dequantize_packed,
     dtype_name,
     pack_module,
@@ -84,15 +84,17 @@ def _layer_module(model: nn.Module, name: str, where: str) -> nn.Module:
             raise ValueError(f"{where}: layer {name!r} does not exist in {type(model).__name__}") from exc
     if not isinstance(module, tuple(LAYER_TYPES.values())):
         raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not one of {list(LAYER_TYPES)}")
-    if isinstance(module, PackedWeightMixin):
+    if isinstance(module, PackedMixin) or isinstance(getattr(module, "attention", None), PackedMixin):
         raise ValueError(f"{where}: layer {name!r} already holds packed weights; use a freshly built model")
     return module
 
 
-def _packable(module: nn.Module) -> bool:
-    """Whether ``load_quantized(keep_packed=True)`` can keep the layer's codes packed: not an attention module's
-    input projection, which torch reads as a bare parameter (it is loaded as its dequantized float weight)."""
-    return not isinstance(module, AttentionProjection)
+def _pack(module: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: LayerSpec) -> None:
+    """`pack_module` for a layer: an attention module's input projection packs the attention's ``in_proj_weight``."""
+    if isinstance(module, AttentionProjection):
+        pack_module(module.attention, packed, scale, zero, spec, attr=module.state_key)
+    else:
+        pack_module(module, packed, scale, zero, spec)
 
 
 def _layer_spec(name: str, module: nn.Module, r: LayerResult) -> LayerSpec:
@@ -130,9 +132,11 @@ def quantized_layers(
     out = {}
     if report is None:
         for name, module in model.named_modules():
-            if isinstance(module, PackedWeightMixin):
-                out[name] = (module.weight_spec, module.weight_packed.cpu(), module.weight_scale.cpu(),
-                             module.weight_zero.cpu())
+            if isinstance(module, PackedMixin):
+                a = module.packed_attr
+                layer = name if a == "weight" else f"{name}.in_proj".lstrip(".")
+                out[layer] = (getattr(module, f"{a}_spec"), *(getattr(module, f"{a}_{t}").cpu()
+                                                              for t in ("packed", "scale", "zero")))
         return out
     for name, r in report.results.items():
         module = _layer_module(model, name, "quantized layers")
@@ -333,26 +337,28 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, keep_packed: bool 
     ``keep_packed=False`` writes the dequantized weights into the normal modules (bitwise equal to the
     model `quantize_model` produced). ``keep_packed=True`` keeps codes packed in the layers
     (`PackedLinear`, `PackedConv2d`, ...; still instances of the original classes) and dequantizes on
-    each forward: same outputs, smaller resident memory. An attention module's input projection is the exception:
-    torch reads ``in_proj_weight`` as a bare parameter, so it is loaded as its dequantized float weight either way.
+    each forward: same outputs, smaller resident memory (an attention module's ``in_proj_weight``, which torch
+    reads as a bare parameter, becomes a property of a packed ``nn.MultiheadAttention`` subclass, dequantized on each
+    access).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     art = read_quantized(path)
     modules = _check_against_model(art, model)
-    packed = {n for n, m in modules.items() if keep_packed and _packable(m)}
-    weights = {_weight_key(model, n): dequantize_packed(*art.layer_tensors(n), spec)
-               for n, spec in art.layers.items() if n not in packed}
+    weights = {}
+    if not keep_packed:
+        weights = {_weight_key(model, n): dequantize_packed(*art.layer_tensors(n), spec)
+                   for n, spec in art.layers.items()}
     # From here on nothing can fail on account of the file: shapes, keys and dtypes all match.
     state = art.state()
     state.update(weights)
-    result = model.load_state_dict(state, strict=not packed)
-    if packed:
-        expected_missing = {_weight_key(model, n) for n in packed}
+    result = model.load_state_dict(state, strict=not keep_packed)
+    if keep_packed:
+        expected_missing = {_weight_key(model, n) for n in art.layers}
         if set(result.missing_keys) != expected_missing or result.unexpected_keys:  # guarded by the checks above
             raise RuntimeError(f"unexpected state_dict mismatch while loading {art.path}: {result}")
-        for name in packed:
-            pack_module(modules[name], *art.layer_tensors(name), art.layers[name])
+        for name, spec in art.layers.items():
+            _pack(modules[name], *art.layer_tensors(name), spec)
     log.info("loaded %d quantized layers from %s%s", len(art.layers), art.path, " (packed)" if keep_packed else "")
     return model
 

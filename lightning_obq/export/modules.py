@@ -23,7 +23,27 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 
 
-class PackedWeightMixin:
+class PackedMixin:
+    """Holds one parameter, ``packed_attr``, as bit-packed codes: the buffers ``<attr>_packed`` (uint8),
+    ``<attr>_scale`` and ``<attr>_zero`` and the `LayerSpec` ``<attr>_spec``; the subclasses make the parameter a
+    read-only property that dequantizes them on every access."""
+
+    packed_attr = "weight"
+
+    def dequantized(self) -> torch.Tensor:
+        """The packed parameter as a float tensor (`dequantize_packed`)."""
+        a = self.packed_attr
+        return dequantize_packed(getattr(self, f"{a}_packed"), getattr(self, f"{a}_scale"),
+                                 getattr(self, f"{a}_zero"), getattr(self, f"{a}_spec"))
+
+    def extra_repr(self) -> str:
+        spec: LayerSpec = getattr(self, f"{self.packed_attr}_spec")
+        groups = f", group_size={spec.group_size}" if spec.group_size else ""
+        what = "" if self.packed_attr == "weight" else f"{self.packed_attr} "
+        return f"{super().extra_repr()}, packed {what}W{spec.bits}{groups}"  # type: ignore[misc]
+
+
+class PackedWeightMixin(PackedMixin):
     """Makes ``weight`` a read-only property that dequantizes packed codes on every access.
 
     Mixed in front of ``nn.Linear``/``nn.ConvNd`` (like ``torch.nn.utils.parametrize`` does), so a
@@ -37,13 +57,18 @@ class PackedWeightMixin:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        spec: LayerSpec = self.weight_spec
-        return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero, spec)
+        return self.dequantized()
 
-    def extra_repr(self) -> str:
-        spec: LayerSpec = self.weight_spec
-        groups = f", group_size={spec.group_size}" if spec.group_size else ""
-        return f"{super().extra_repr()}, packed W{spec.bits}{groups}"  # type: ignore[misc]
+
+class PackedInProjectionMixin(PackedMixin):
+    """The same for an ``nn.MultiheadAttention``'s ``in_proj_weight``, which torch reads as a bare parameter
+    (buffers ``in_proj_weight_packed``, ``_scale``, ``_zero``); its ``out_proj`` is a packed Linear of its own."""
+
+    packed_attr = "in_proj_weight"
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.dequantized()
 
 
 class PackedLinear(PackedWeightMixin, nn.Linear):
@@ -62,18 +87,20 @@ class PackedConv3d(PackedWeightMixin, nn.Conv3d):
     """``nn.Conv3d`` whose weight is stored packed (see `PackedWeightMixin`)."""
 
 
-_PACKED_CLASSES: dict[type, type] = {
-    nn.Linear: PackedLinear, nn.Conv1d: PackedConv1d, nn.Conv2d: PackedConv2d, nn.Conv3d: PackedConv3d,
+_PACKED_CLASSES: dict[tuple[type, str], type] = {
+    (nn.Linear, "weight"): PackedLinear, (nn.Conv1d, "weight"): PackedConv1d, (nn.Conv2d, "weight"): PackedConv2d,
+    (nn.Conv3d, "weight"): PackedConv3d,
 }
-_ORIGINAL_CLASSES: dict[type, type] = {v: k for k, v in _PACKED_CLASSES.items()}
+_ORIGINAL_CLASSES: dict[type, type] = {v: k[0] for k, v in _PACKED_CLASSES.items()}
+_MIXINS = {"weight": PackedWeightMixin, "in_proj_weight": PackedInProjectionMixin}
 
 
-def _packed_class(cls: type) -> type:
-    """The packed variant of a layer class (created once for user subclasses of Linear/ConvNd)."""
-    if cls not in _PACKED_CLASSES:
-        packed = type(f"Packed{cls.__name__}", (PackedWeightMixin, cls), {})
-        _PACKED_CLASSES[cls], _ORIGINAL_CLASSES[packed] = packed, cls
-    return _PACKED_CLASSES[cls]
+def _packed_class(cls: type, attr: str) -> type:
+    """The class of ``cls`` holding ``attr`` packed (created once for user subclasses and attention modules)."""
+    if (cls, attr) not in _PACKED_CLASSES:
+        packed = type(f"Packed{cls.__name__}", (_MIXINS[attr], cls), {})
+        _PACKED_CLASSES[cls, attr], _ORIGINAL_CLASSES[packed] = packed, cls
+    return _PACKED_CLASSES[cls, attr]
 
 
 @dataclass(frozen=True)
@@ -176,27 +203,29 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def pack_module(module: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                spec: LayerSpec) -> nn.Module:
-    """Turn a Linear/ConvNd layer into its packed variant in place: the float weight is dropped."""
-    device = module.weight.device
-    del module.weight
-    module.register_buffer("weight_packed", packed.to(device))
-    module.register_buffer("weight_scale", scale.to(device))
-    module.register_buffer("weight_zero", zero.to(device))
-    module.weight_spec = spec
-    module.__class__ = _packed_class(type(module))
+                spec: LayerSpec, attr: str = "weight") -> nn.Module:
+    """Turn a Linear/ConvNd layer (or, with ``attr="in_proj_weight"``, an ``nn.MultiheadAttention``) into its
+    packed variant in place: the float parameter ``attr`` is dropped."""
+    device = getattr(module, attr).device
+    delattr(module, attr)
+    module.register_buffer(f"{attr}_packed", packed.to(device))
+    module.register_buffer(f"{attr}_scale", scale.to(device))
+    module.register_buffer(f"{attr}_zero", zero.to(device))
+    setattr(module, f"{attr}_spec", spec)
+    module.__class__ = _packed_class(type(module), attr)
     return module
 
 
 def unpack_module(module: nn.Module) -> nn.Module:
-    """Inverse of `pack_module`: a plain layer again, holding the dequantized float weight."""
-    if not isinstance(module, PackedWeightMixin):
+    """Inverse of `pack_module`: a plain module again, holding the dequantized float parameter."""
+    if not isinstance(module, PackedMixin):
         raise TypeError(f"{type(module).__name__} is not a packed layer")
-    weight = module.weight
+    attr = module.packed_attr
+    value = module.dequantized()
     base = _ORIGINAL_CLASSES[type(module)]
-    for buf in ("weight_packed", "weight_scale", "weight_zero"):
-        delattr(module, buf)
-    del module.weight_spec
+    for suffix in ("packed", "scale", "zero"):
+        delattr(module, f"{attr}_{suffix}")
+    delattr(module, f"{attr}_spec")
     module.__class__ = base
-    module.weight = nn.Parameter(weight, requires_grad=False)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
     return module

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from lightning_obq.export.artifact import quantized_layers
-from lightning_obq.export.modules import LayerSpec, PackedWeightMixin, dequantize_packed, unpack_module
+from lightning_obq.export.modules import LayerSpec, PackedMixin, dequantize_packed, unpack_module
 from lightning_obq.export.packing import pack_codes, unpack_codes
 from lightning_obq.extras import require_extra
 from lightning_obq.model.report import QuantReport
@@ -60,11 +60,11 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 
 def _float_copy(model: nn.Module) -> nn.Module:
     """The model itself, or a copy whose packed layers hold float weights again (exporter-friendly)."""
-    if not any(isinstance(m, PackedWeightMixin) for m in model.modules()):
+    if not any(isinstance(m, PackedMixin) for m in model.modules()):
         return model
     clone = copy.deepcopy(model)
     for m in list(clone.modules()):
-        if isinstance(m, PackedWeightMixin):
+        if isinstance(m, PackedMixin):
             unpack_module(m)
     return clone
 

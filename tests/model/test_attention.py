@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from lightning_obq import QuantConfig, capture_hessians, load_quantized, quantize_model, save_quantized
+from lightning_obq.export.artifact import resident_weight_bytes
+from lightning_obq.export.modules import PackedMixin
 from lightning_obq.export.onnx import export_onnx
 from lightning_obq.model.attention import find_projection
 from lightning_obq.model.capture import find_layers
@@ -191,11 +193,16 @@ def test_quantized_attention_saves_loads_and_exports(tmp_path: Path) -> None:
         fresh = load_quantized(path, encoder(), keep_packed=keep_packed)
         with torch.no_grad():
             assert all(torch.equal(fresh(x), model(x)) for x in data), keep_packed
+    attention = fresh.layers[0].self_attn
+    assert isinstance(attention, PackedMixin) and isinstance(attention, nn.MultiheadAttention)
+    assert isinstance(attention.out_proj, PackedMixin) and "in_proj_weight" not in dict(fresh.named_parameters())
+    assert resident_weight_bytes(fresh) < 0.4 * resident_weight_bytes(model)
     onnx = pytest.importorskip("onnx")
-    out = export_onnx(model, data[0], tmp_path / "encoder.onnx", report)  # checked against onnxruntime
-    integer = [i for i in onnx.load(str(out)).graph.initializer
-               if i.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)]
-    assert len(integer) >= len(report.results)
+    for source, codes in ((model, report), (fresh, None)):  # from the report, and from the packed model alone
+        out = export_onnx(source, data[0], tmp_path / "encoder.onnx", codes)  # checked against onnxruntime
+        integer = [i for i in onnx.load(str(out)).graph.initializer
+                   if i.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)]
+        assert len(integer) >= len(report.results)
 
 
 def test_callback_quantizes_a_vision_transformer_after_fit(tmp_path: Path) -> None:

@@ -5,11 +5,11 @@ quantizes it at 4 bits with `OBQCallback` using FastOBQ, GPTQ (act order), round
 (when its estimated time fits ``--obq-max-seconds``), sweeps the bit widths for the plot, and prints
 a table. It writes ``report.json``, ``comparison.png`` and an offline W&B run into ``--output``.
 
-``lightning-obq quantize`` quantizes a torchvision architecture (``resnet18``), the built-in
-``smallresnet``, or a LightningModule/nn.Module given by class path (``pkg.module:Class``), loaded from
-a checkpoint or state_dict (``torch.load(weights_only=True)`` or safetensors), calibrated and evaluated
-on an ImageFolder or the built-in Fashion-MNIST. ``lightning-obq compare`` runs every method at every
-bit width (2/3/4/8) in one go.
+``lightning-obq quantize`` quantizes a torchvision architecture (``resnet18``), one of the demo's networks
+(``smallresnet``, ``mobilenetv2``, ``smallvit``), or a LightningModule/nn.Module given by class path
+(``pkg.module:Class``), loaded from a checkpoint or state_dict (``torch.load(weights_only=True)`` or
+safetensors), calibrated and evaluated on an ImageFolder or the built-in Fashion-MNIST. ``lightning-obq
+compare`` runs every method at every bit width (2/3/4/8) in one go.
 
 Every quantization goes through `OBQCallback` in ``trainer.validate``, so the accuracy, output fidelity
 (`lightning_obq.model.fidelity`), timings and memory come from the same code the Lightning users run.
@@ -52,11 +52,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="torchvision architecture (resnet18, mobilenet_v3_small, ...), 'smallresnet', or a class "
-                        "path 'package.module:Class' (LightningModule or nn.Module)")
+                   help="torchvision architecture (resnet18, mobilenet_v3_small, ...), a demo network "
+                        "('smallresnet', 'mobilenetv2', 'smallvit'), or a class path 'package.module:Class' "
+                        "(LightningModule or nn.Module)")
     p.add_argument("--checkpoint", help="state_dict or Lightning .ckpt (torch.load weights_only=True) or .safetensors")
     p.add_argument("--weights", help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V1); needs internet once")
-    p.add_argument("--num-classes", type=int, help="classes of the architecture (torchvision/smallresnet)")
+    p.add_argument("--num-classes", type=int, help="classes of the architecture (torchvision or demo network)")
     p.add_argument("--init-args", help="JSON keyword arguments of the architecture or class")
     p.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist' (built in) or an ImageFolder path (uses train/ and val/ if present)")

@@ -1,5 +1,6 @@
-"""The user's model and data for ``quantize`` / ``compare``: a torchvision architecture, the demo's
-`SmallResNet` or a class path, loaded from a checkpoint, with ImageFolder or Fashion-MNIST data."""
+"""The user's model and data for ``quantize`` / ``compare``: a torchvision architecture, a demo network
+(`SmallResNet`, `MobileNetV2Small`, `SmallViT`) or a class path, loaded from a checkpoint, with ImageFolder or
+Fashion-MNIST data."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lightning_obq.cli.arguments import json_arg
 from lightning_obq.cli.errors import CLIError
 from lightning_obq.core.config import QuantConfig
 from lightning_obq.demo.data import fashion_mnist, image_folder, subset
-from lightning_obq.demo.models import ImageClassifier, SmallResNet
+from lightning_obq.demo.models import ARCHITECTURES, ImageClassifier, build_network
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -88,10 +89,10 @@ def build_model(args: argparse.Namespace) -> tuple[L.LightningModule, nn.Module,
         if not isinstance(obj, nn.Module):
             raise CLIError(f"{spec} is a {type(obj).__name__}, not a LightningModule or nn.Module")
         net, what = obj, spec
-    elif spec.lower() == "smallresnet":
+    elif spec.lower() in ARCHITECTURES:
         width = int(init_args.get("width", (hparams or {}).get("width", 32)))
-        net = SmallResNet(num_classes or 10, in_channels=int(init_args.get("in_channels", 1)), width=width)
-        what = f"smallresnet(width={width})"
+        net = build_network(spec.lower(), num_classes or 10, int(init_args.get("in_channels", 1)), width)
+        what = f"{spec.lower()}(width={width})"
     else:
         net, what = _torchvision_model(spec, args.weights, num_classes, init_args), spec
     if state is not None:
@@ -107,7 +108,8 @@ def _torchvision_model(name: str, weights: str | None, num_classes: int | None, 
     if name not in available:
         close = [m for m in available if name.lower()[:4] in m][:6]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise CLIError(f"unknown architecture {name!r}: not a torchvision model, 'smallresnet', or a class path "
+        raise CLIError(f"unknown architecture {name!r}: not a torchvision model, one of the demo's "
+                       f"{sorted(ARCHITECTURES)}, or a class path "
                        f"'package.module:Class'{hint}")
     kwargs = dict(init_args)
     if num_classes is not None:

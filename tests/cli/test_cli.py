@@ -211,15 +211,15 @@ def test_default_run_reduced(capsys, tmp_path, cache, keep_threads):
         assert rows2[key]["error"] == pytest.approx(rows[key]["error"], rel=1e-6)
 
 
-def _compare_small_cnn(tmp_path, *options: str) -> list[dict]:
-    """Run `compare` on an untrained width-4 SmallResNet checkpoint with the built-in data; its rows."""
+def _compare_small_cnn(tmp_path, *options: str, arch: str = "smallresnet") -> list[dict]:
+    """Run `compare` on an untrained width-4 demo network checkpoint with the built-in data; its rows."""
     from lightning_obq.demo.models import ImageClassifier
 
     torch.manual_seed(0)
     ckpt = tmp_path / "small.pt"
-    torch.save(ImageClassifier(width=4).model.state_dict(), ckpt)
+    torch.save(ImageClassifier(width=4, arch=arch).model.state_dict(), ckpt)
     out = tmp_path / "cmp"
-    code = main(["compare", "--model", "smallresnet", "--init-args", '{"width": 4}', "--checkpoint", str(ckpt),
+    code = main(["compare", "--model", arch, "--init-args", '{"width": 4}', "--checkpoint", str(ckpt),
                  *options, "--calib-samples", "64", "--eval-samples", "128",
                  "--output-dir", str(out), "--no-wandb", "--no-progress"])
     assert code == 0
@@ -233,6 +233,15 @@ def test_compare_builtin_data(capsys, tmp_path, cache):
     assert [(r["method"], r["bits"]) for r in rows] == [("fastobq", 3), ("rtn", 3), ("fastobq", 8), ("rtn", 8)]
     err = {(r["method"], r["bits"]): r["error"] for r in rows}
     assert err[("fastobq", 3)] < err[("rtn", 3)] and err[("fastobq", 8)] < err[("fastobq", 3)]
+
+
+def test_compare_a_vision_transformer_by_its_demo_name(tmp_path, cache):
+    """``--model smallvit``: the demo's VisionTransformer, attention projections included in every run."""
+    rows = _compare_small_cnn(tmp_path, "--bits", "4", "--methods", "fastobq,rtn", arch="smallvit")
+    err = {(r["method"], r["bits"]): r["error"] for r in rows}
+    assert err[("fastobq", 4)] < err[("rtn", 4)]
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert "in_proj" in json.dumps(report) and "out_proj" in json.dumps(report)
 
 
 def test_refine_sweeps_reach_the_refining_methods_and_the_table(capsys, tmp_path, cache):

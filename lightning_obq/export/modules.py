@@ -1,5 +1,6 @@
-"""Packed layers: Linear/ConvNd modules that hold their weight as bit-packed codes and dequantize it at each
-forward, and the `LayerSpec` that describes one quantized layer (shapes, bits, grid) in an artifact.
+"""Packed layers: Linear/ConvNd modules that hold their weight (and ``nn.MultiheadAttention`` modules that hold
+their ``in_proj_weight``) as bit-packed codes and dequantize it at each access, and the `LayerSpec` that describes
+one quantized layer (shapes, bits, grid) in an artifact.
 
 `dequantize_packed` is the one dequantization path of loading and of packed layers; `pack_module` /
 `unpack_module` convert a layer in place.

@@ -85,15 +85,16 @@ def test_projection_hessians_are_those_of_the_projection_inputs(position: bool) 
             assert torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), (name, g)
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_attention_projections_are_quantized_in_the_models_own_parameters(batch_first: bool) -> None:
+@pytest.mark.parametrize(("batch_first", "calibration"), [(True, "one_pass"), (False, "one_pass"),
+                                                          (True, "sequential")])
+def test_attention_projections_are_quantized_in_the_models_own_parameters(batch_first: bool, calibration: str) -> None:
     model = encoder(batch_first)
     data = tokens(batch_first)
     keys = list(model.state_dict())
     before = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         reference = [model(x) for x in data]
-    report = quantize_model(model, data, QuantConfig(bits=4, progress=False))
+    report = quantize_model(model, data, QuantConfig(bits=4, calibration=calibration, progress=False))
     parts = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
     names = [f"layers.{i}.{p}" for i in (0, 1) for p in parts]
     assert [layer.name for layer in report.layers] == names and report.skipped == []

@@ -91,6 +91,12 @@ def _conv_columns(
     return patches.view(g, (c // g) * len(offsets), -1)
 
 
+def real_positions(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or for a nested tensor (torch's Transformer encoder runs a batch with a padding mask as one, in
+    inference) its sequences' positions concatenated, ``[positions, features]``: the padding is not part of it."""
+    return torch.cat(x.unbind()) if x.is_nested else x
+
+
 def layer_columns(module: nn.Module, x: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Layer input as ``[G, d_col, N]`` columns such that the output is ``W @ X`` per group.
 
@@ -181,6 +187,8 @@ class HessianAccumulator:
     def update(self, x: torch.Tensor) -> None:
         """Add one batch of layer inputs (conv patches block by block, `_batch_blocks`)."""
         x = x.detach()
+        items = x.size(0) if x.is_nested else None
+        x = real_positions(x)
         blocks = _batch_blocks(self.module, x)
         buffer = None  # the first block's patches, rewritten by the later (never larger) blocks
         columns_before = self.columns
@@ -196,7 +204,7 @@ class HessianAccumulator:
         if not torch.isfinite(self.hessian).all():
             raise ValueError(f"layer {self.name!r}: calibration input contains NaN or Inf")
         is_batched = not (isinstance(self.module, ConvNd) and x.dim() == len(self.module.kernel_size) + 1)
-        self.samples += x.shape[0] if is_batched and x.dim() > 1 else 1
+        self.samples += items if items is not None else x.shape[0] if is_batched and x.dim() > 1 else 1
 
     def _add_columns(self, cols: torch.Tensor) -> None:
         """Fold ``[G, d_col, m]`` columns into the running mean (a seeded subset under ``position_fraction``)."""

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_obq.core.hessian import real_positions
+
 ROLES = ("in_proj", "out_proj")
 
 _ARGUMENTS = inspect.signature(nn.MultiheadAttention.forward)
@@ -113,8 +115,9 @@ def _projection_inputs(attention: nn.MultiheadAttention, arguments: dict[str, An
     Linear). A key and value of another length than the query (cross-attention to a memory) are brought to the
     longer length with zero positions, and each input is scaled by ``sqrt(longer / own length)``: the Hessian's
     running mean over the padded positions is then exactly each block's mean over its own positions (for inputs
-    of varying lengths, each call weighs in with the longer of its two lengths)."""
-    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    of varying lengths, each call weighs in with the longer of its two lengths). A nested batch enters as its real
+    positions (`real_positions`)."""
+    query, key, value = (real_positions(arguments[k]) for k in ("query", "key", "value"))
     if key.shape == query.shape and value.shape == query.shape:
         return torch.stack([query, key, value], dim=-2)
     axis = 1 if attention.batch_first and query.dim() == 3 else 0  # the sequence axis

@@ -85,6 +85,23 @@ def test_projection_hessians_are_those_of_the_projection_inputs(position: bool) 
             assert torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), (name, g)
 
 
+def test_a_padding_mask_batch_counts_only_its_real_positions() -> None:
+    """With a padding mask torch's encoder runs inference on nested tensors (no padding in them): every layer,
+    attention projections included, gets the Hessian of the real positions."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = tokens()[0]
+    padding = torch.zeros(8, 10, dtype=torch.bool)
+    padding[:, 7:] = True
+    hessians = capture_hessians(model, [(x, padding)], QuantConfig(progress=False),
+                                forward_fn=lambda m, batch: m(batch[0], src_key_padding_mask=batch[1]))
+    want = hessian_by_hand([x[:, :7]])
+    got = hessians["layers.0.self_attn.in_proj"].hessian.double()
+    assert all(torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())) for g in range(3))
+    assert hessians["layers.0.linear1"].columns == 8 * 7 and hessians["layers.0.linear1"].samples == 8
+
+
 @pytest.mark.parametrize(("batch_first", "calibration"), [(True, "one_pass"), (False, "one_pass"),
                                                           (True, "sequential")])
 def test_attention_projections_are_quantized_in_the_models_own_parameters(batch_first: bool, calibration: str) -> None:

@@ -79,6 +79,7 @@ def main() -> None:
         rows.append([
             label, fmt(mean(bits)) if bits else fields["bits"], "quantized" if quantized else "float",
             f"{len(reports[0].results)}/{len(layers)}", fmt(mean([r.quant_size_mb for r in reports]), 4),
+            f"{100 * reports[0].metrics['val_acc']:.2f}",
             f"{100 * mean([r.metrics['obq/val_acc'] for r in reports]):.2f}",
             f"{100 * mean([r.metrics['obq/top1_agreement'] for r in reports]):.2f}",
             fmt(mean([r.metrics["obq/kl_div"] for r in reports]), 3),
@@ -86,7 +87,8 @@ def main() -> None:
         ])
         print(rows[-1], flush=True)
     table = markdown_table(["method", "bits", "attention projections", "layers quantized", "quantized MB",
-                            "test acc %", "top-1 agreement with FP %", "KL(FP || quantized)", "seconds"], rows)
+                            "FP test acc %", "test acc %", "top-1 agreement with FP %", "KL(FP || quantized)",
+                            "seconds"], rows)
     intro = (f"Trained here: {info['settings']}, test accuracy {100 * info['test_acc']:.2f}% "
              f"({'cached' if info['cached'] else 'trained in this run'}); {len(layers)} layers, of which "
              f"{len(attention)} attention projections holding {100 * share:.1f}% of the weights.")

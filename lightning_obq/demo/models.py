@@ -118,6 +118,8 @@ class SmallViT(VisionTransformer):
             raise ValueError(
                 f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}"
             )
+        if width % 2:
+            raise ValueError(f"width must be even (4 heads share the 2 * width features), got {width}")
         dim = 2 * width
         super().__init__(image_size=28, patch_size=7, num_layers=4, num_heads=4, hidden_dim=dim, mlp_dim=2 * dim,
                          dropout=0.0, attention_dropout=0.0, num_classes=num_classes)

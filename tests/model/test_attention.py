@@ -253,3 +253,11 @@ def test_callback_quantizes_a_vision_transformer_after_fit(tmp_path: Path) -> No
         assert torch.equal(weight, report.results[name].weight.reshape_as(weight))
         assert most_values_per_grid(weight, None) <= 2 ** report.results[name].bits
     assert "obq/val_acc" in logged and "val_acc" in logged
+
+
+def test_small_vit_names_a_width_its_heads_cannot_share() -> None:
+    from lightning_obq.demo.models import SmallViT
+
+    assert SmallViT(width=4)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="width must be even"):
+        SmallViT(width=3)

@@ -1,6 +1,7 @@
-"""Size on disk and in memory of real low-bit artifacts: torchvision resnet18 at W8/W4/W2.
+"""Size on disk and in memory of real low-bit artifacts: torchvision resnet18 (or ``--model``) at W8/W4/W2.
 
-resnet18 is built with random weights (no download here; the sizes do not depend on the values),
+The model (default resnet18; ``--model vit_b_16`` for a transformer, whose attention projections are quantized
+layers too) is built with random weights (no download here; the sizes do not depend on the values),
 quantized with ``--method`` (default ``rtn``: sizes only depend on bits and grids, and RTN is fast)
 per output channel on a few random 224px calibration batches, then:
 
@@ -14,6 +15,7 @@ per output channel on a few random 224px calibration batches, then:
   onnxruntime) next to the float ONNX export.
 
     python benchmarks/export.py --out benchmarks/results/export.md
+    python benchmarks/export.py --model vit_b_16 --out benchmarks/results/export_vit.md
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lightning_obq import QuantConfig, quantize_model
 from lightning_obq.core.measure import measure
 from lightning_obq.export.artifact import load_quantized, resident_weight_bytes, save_quantized
 from lightning_obq.export.onnx import export_onnx
+from lightning_obq.model.capture import find_layers
 
 MB = 2**20
 
@@ -87,11 +90,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2, help="random 224px calibration batches")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="resnet18", help="torchvision architecture (random init, 224 px input)")
     parser.add_argument("--out", type=Path, default=RESULTS / "export.md")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    fp = torchvision.models.resnet18(weights=None).eval()
+    fp = torchvision.models.get_model(args.model, weights=None).eval()
     g = torch.Generator().manual_seed(args.seed + 1)
     calib = [torch.randn(args.batch_size, 3, 224, 224, generator=g) for _ in range(args.batches)]
     x = torch.randn(2, 3, 224, 224, generator=g)
@@ -110,14 +114,16 @@ def main() -> None:
             config = QuantConfig(bits=bits, method=args.method, progress=False)
             with measure() as mq:
                 report = quantize_model(model, calib, config)
-            quant_fp_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in report.results)
+            layers = find_layers(model, config)
+            quant_fp_bytes = sum(layers[n].weight.numel() * 4 for n in report.results)
             path = tmp / f"w{bits}.safetensors"
             with measure() as ms:
                 save_quantized(model, path, report)
             size = path.stat().st_size
             parts = file_parts(path)
             with measure() as ml:
-                packed = load_quantized(path, torchvision.models.resnet18(weights=None).eval(), keep_packed=True)
+                packed = load_quantized(path, torchvision.models.get_model(args.model, weights=None).eval(),
+                                        keep_packed=True)
             with torch.no_grad():
                 ref = model(x)
                 identical = torch.equal(packed(x), ref)
@@ -156,7 +162,7 @@ def main() -> None:
         mem_rows,
     )
     intro = (
-        f"torchvision resnet18 (random init, {fmt(sum(p.numel() for p in fp.parameters()))} parameters), "
+        f"torchvision {args.model} (random init, {fmt(sum(p.numel() for p in fp.parameters()))} parameters), "
         f"quantized with method `{args.method}`, per-channel asymmetric grids with MSE range search, "
         f"calibration {args.batches} random batches of {args.batch_size} images at 224px. FP32 state dict: "
         f"{fp_pt / MB:.2f} MB with torch.save, {fp_st / MB:.2f} MB with safetensors; FP ONNX "

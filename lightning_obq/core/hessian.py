@@ -24,9 +24,10 @@ _PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.L
 
 
 def layer_groups(module: nn.Module) -> int:
-    """Number of independent weight matrices of a layer: a conv's groups; for a Linear 1, or its ``groups`` when it
-    has row blocks with inputs of their own (an attention module's query, key and value rows)."""
-    return module.groups if isinstance(module, ConvNd) else getattr(module, "groups", 1)
+    """Number of independent weight matrices of a layer: a conv's groups; for a Linear 1, or its ``input_groups``
+    when it has row blocks with inputs of their own (an attention module's query, key and value rows). A Linear's
+    own ``groups`` attribute, should a subclass have one, means nothing here."""
+    return module.groups if isinstance(module, ConvNd) else getattr(module, "input_groups", 1)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

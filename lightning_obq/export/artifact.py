@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lightning_obq.core.config import LAYER_TYPES
+from lightning_obq.core.hessian import layer_groups
 from lightning_obq.core.layer import LayerResult
 from lightning_obq.export.modules import (
     DTYPES,
@@ -101,7 +102,7 @@ def _layer_spec(name: str, module: nn.Module, r: LayerResult) -> LayerSpec:
     """Header entry for one report layer, after checking the result belongs to this module."""
     w = module.weight
     where = f"layer {name!r}"
-    groups = getattr(module, "groups", 1)
+    groups = layer_groups(module)
     d_row = w.shape[0]
     matrix = (groups, d_row // groups, w.numel() // d_row)
     if tuple(r.codes.shape) != matrix:
@@ -299,9 +300,9 @@ def _check_against_model(art: QuantizedArtifact, model: nn.Module) -> dict[str, 
             raise ValueError(f"{where}: layer {name!r} is a {type(module).__name__} in the model but a {spec.kind} "
                              f"in the file {arch}")
         w = module.weight
-        if tuple(w.shape) != spec.weight_shape or getattr(module, "groups", 1) != spec.groups:
+        if tuple(w.shape) != spec.weight_shape or layer_groups(module) != spec.groups:
             raise ValueError(f"{where}: layer {name!r} has weight shape {tuple(w.shape)} (groups "
-                             f"{getattr(module, 'groups', 1)}) in the model but {spec.weight_shape} (groups "
+                             f"{layer_groups(module)}) in the model but {spec.weight_shape} (groups "
                              f"{spec.groups}) in the file {arch}")
         if dtype_name(w.dtype) != spec.weight_dtype:
             raise ValueError(f"{where}: layer {name!r} weight is {w.dtype} in the model but {spec.weight_dtype} "

@@ -41,7 +41,7 @@ class AttentionProjection(nn.Linear):
     """One projection of ``attention`` (``role`` in `ROLES`) as a Linear layer for calibration and quantization.
 
     It owns no parameters: ``weight`` and ``bias`` are the attention module's, so the model's ``state_dict`` is
-    unchanged and a quantized weight written here is in the model. The input projection has ``groups = 3``: its
+    unchanged and a quantized weight written here is in the model. The input projection has ``input_groups = 3``: its
     query, key and value rows are solved as three matrices, each for its own input. It is never called;
     `register_forward_hook` hooks the attention module instead and passes the hook ``(self, (projection input,),
     output)``, with the projection's output for ``out_proj`` (the attention output) and None for ``in_proj``
@@ -60,7 +60,7 @@ class AttentionProjection(nn.Linear):
         self.role = role
         self.in_features = attention.embed_dim
         self.out_features = self.weight.shape[0]
-        self.groups = 3 if role == "in_proj" else 1  # query, key and value rows: `layer_groups`
+        self.input_groups = 3 if role == "in_proj" else 1  # query, key and value rows: `layer_groups`
 
     @property
     def weight(self) -> nn.Parameter:  # type: ignore[override]

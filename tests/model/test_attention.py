@@ -261,3 +261,17 @@ def test_small_vit_names_a_width_its_heads_cannot_share() -> None:
     assert SmallViT(width=4)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="width must be even"):
         SmallViT(width=3)
+
+
+def test_a_linear_subclass_with_its_own_groups_attribute_stays_one_matrix() -> None:
+    """Only the attention's input projection splits a Linear into row groups (``input_groups``); a user subclass
+    that happens to carry a ``groups`` attribute is solved as the one matrix its forward applies."""
+    from lightning_obq.core.hessian import layer_groups
+
+    class Tagged(nn.Linear):
+        groups = 2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Tagged(E, 16))
+    report = quantize_model(model, [torch.randn(64, E)], QuantConfig(progress=False))
+    assert layer_groups(model[0]) == 1 and report.results["0"].codes.shape == (1, 16, E)

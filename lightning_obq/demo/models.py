@@ -14,6 +14,12 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.vision_transformer import VisionTransformer
 
 
+def _check_sizes(num_classes: int, in_channels: int, width: int) -> None:
+    """The demo networks' common arguments, each at least 1."""
+    if min(num_classes, in_channels, width) < 1:
+        raise ValueError(f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}")
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers with an identity (or 1x1 conv + BN projection) shortcut."""
 
@@ -47,10 +53,7 @@ class SmallResNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        if min(num_classes, in_channels, width) < 1:
-            raise ValueError(
-                f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}"
-            )
+        _check_sizes(num_classes, in_channels, width)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
@@ -78,10 +81,7 @@ class MobileNetV2Small(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        if min(num_classes, in_channels, width) < 1:
-            raise ValueError(
-                f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}"
-            )
+        _check_sizes(num_classes, in_channels, width)
 
         def scaled(c: int) -> int:
             return max(8, c * width // 32)
@@ -114,10 +114,7 @@ class SmallViT(VisionTransformer):
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
-        if min(num_classes, in_channels, width) < 1:
-            raise ValueError(
-                f"num_classes, in_channels and width must be >= 1, got {num_classes}, {in_channels}, {width}"
-            )
+        _check_sizes(num_classes, in_channels, width)
         if width % 2:
             raise ValueError(f"width must be even (4 heads share the 2 * width features), got {width}")
         dim = 2 * width

@@ -66,6 +66,12 @@ def hessian_by_hand(inputs: list[torch.Tensor]) -> torch.Tensor:
     return 2 * x.T @ x / x.shape[0]
 
 
+def is_hessian_of(got: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """Whether the captured ``[E, E]`` Hessian ``got`` is that of ``inputs`` (float32 accumulation)."""
+    want = hessian_by_hand(inputs)
+    return torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("position", [False, True], ids=["self-attention", "detr-style"])
 def test_projection_hessians_are_those_of_the_projection_inputs(position: bool) -> None:
     model = MaskedAttention(position).eval()
@@ -78,11 +84,10 @@ def test_projection_hessians_are_those_of_the_projection_inputs(position: bool) 
         positioned = [x if model.position is None else x + model.position for x in data]
     expected = {"attn.in_proj": [positioned, positioned, data], "attn.out_proj": [heads]}
     for name, inputs in expected.items():  # one Hessian per row block: query, key, value rows; the output rows
-        got = hessians[name].hessian.double()
+        got = hessians[name].hessian
         assert got.shape[0] == len(inputs), name
         for g, block in enumerate(inputs):
-            want = hessian_by_hand(block)
-            assert torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), (name, g)
+            assert is_hessian_of(got[g], block), (name, g)
 
 
 def test_a_padding_mask_batch_counts_only_its_real_positions() -> None:
@@ -96,9 +101,8 @@ def test_a_padding_mask_batch_counts_only_its_real_positions() -> None:
     padding[:, 7:] = True
     hessians = capture_hessians(model, [(x, padding)], QuantConfig(progress=False),
                                 forward_fn=lambda m, batch: m(batch[0], src_key_padding_mask=batch[1]))
-    want = hessian_by_hand([x[:, :7]])
-    got = hessians["layers.0.self_attn.in_proj"].hessian.double()
-    assert all(torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())) for g in range(3))
+    got = hessians["layers.0.self_attn.in_proj"].hessian
+    assert all(is_hessian_of(got[g], [x[:, :7]]) for g in range(3))
     assert hessians["layers.0.linear1"].columns == 8 * 7 and hessians["layers.0.linear1"].samples == 8
 
 
@@ -142,10 +146,9 @@ def test_cross_attention_rows_get_the_hessians_of_the_query_and_the_memory(memor
     with torch.no_grad():  # the cross-attention's query: the target after the self-attention block
         layer = decoder.layers[0]
         targets = [layer.norm1(x + layer._sa_block(x, None, None)) for x in queries]
-    got = hessians["layers.0.multihead_attn.in_proj"].hessian.double()
+    got = hessians["layers.0.multihead_attn.in_proj"].hessian
     for g, inputs in enumerate((targets, memories, memories)):
-        want = hessian_by_hand(inputs)
-        assert torch.allclose(got[g], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), g
+        assert is_hessian_of(got[g], inputs), g
     model = copy.deepcopy(decoder)
     report = quantize_model(model, batches, config, forward_fn=lambda m, batch: m(*batch))
     assert report.skipped == [] and {"layers.0.self_attn.in_proj", "layers.0.multihead_attn.in_proj"} <= set(
